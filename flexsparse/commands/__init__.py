@@ -1,0 +1,1 @@
+"""Subcommands of the ``flexsparse`` command line (one module each)."""
