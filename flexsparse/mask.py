@@ -103,6 +103,9 @@ class Mask:
         self.length = None if length is None else check_int("length", length, minimum=1)
         self.binary_tiles = binary_tiles
         self.sdpa_hint = sdpa_hint
+        #: ``(block_q, block_kv)`` the mask is naturally built at (e.g. a predicted tile
+        #: map); ``attention`` uses it when the caller passes no ``block_size``.
+        self.native_block_size: tuple[int, int] | None = None
         self._states_cache: OrderedDict = OrderedDict()
         self._block_mask_cache: OrderedDict = OrderedDict()
 
@@ -429,6 +432,12 @@ class Mask:
 
 def _tiles_rule(kept: Tensor, sat: Tensor, bq: int, bk: int, grid: T.TileGrid) -> Tensor:
     """Tile states of a block-granular map ``kept`` (tiles ``bq x bk``) on any grid."""
+    rows, cols = kept.shape[-2] * bq, kept.shape[-1] * bk
+    if grid.q_offset + grid.q_len > rows or grid.kv_len > cols:
+        raise ValueError(
+            f"the tile map covers {rows} queries x {cols} keys ({tuple(kept.shape[-2:])} tiles "
+            f"of {bq} x {bk}); asked for {grid.q_offset + grid.q_len} x {grid.kv_len}"
+        )
     if grid.block_q == bq and grid.block_kv == bk and grid.q_offset == 0:
         return kept.to(torch.int8) * T.FULL
     last_q, last_kv = kept.shape[-2] - 1, kept.shape[-1] - 1
@@ -491,11 +500,21 @@ def _compose(a: Mask, b: Mask, op: str) -> Mask:
         hint = b.sdpa_hint
     elif op == "&" and b.sdpa_hint == "full":
         hint = a.sdpa_hint
-    return Mask(
+    out = Mask(
         on_device=on_device, has_tile_rule=has_rule, name=f"({a.name} {op} {b.name})",
         heads=heads, batch=batch, length=length,
         binary_tiles=a.binary_tiles and b.binary_tiles, sdpa_hint=hint,
     )
+    out.native_block_size = _merge_native(a, b)
+    return out
+
+
+def _merge_native(a: Mask, b: Mask) -> tuple[int, int] | None:
+    """The native block size of a composition: the one side's, None on a conflict."""
+    na, nb = getattr(a, "native_block_size", None), getattr(b, "native_block_size", None)
+    if na is not None and nb is not None and na != nb:
+        return None
+    return na if na is not None else nb
 
 
 def _refine(states, ambiguous, mod, grid, heads, batch) -> Tensor:

@@ -1,0 +1,362 @@
+"""CogVideoX patch: a tiny random CogVideoXTransformer3DModel (saved and loaded back), the
+patched output against the stock processor (full mask) and against the stock processor run
+with the materialised dense mask as an additive float ``attention_mask`` (sparse masks).
+
+Shapes: 25 pixel frames at 64 x 64 -> 7 latent frames x 16 tokens + 8 text = 120 tokens,
+batch 2 (CFG), 2 heads x 16. Tolerances: fp32 outputs agree within 2e-5 absolute
+(different summation orders of the same softmax), bf16 within 0.05 of fp32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from diffusers import CogVideoXTransformer3DModel  # noqa: E402
+from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0  # noqa: E402
+from diffusers.models.embeddings import get_3d_rotary_pos_embed  # noqa: E402
+
+import flexsparse as fs  # noqa: E402
+from flexsparse.masks.radial import radial  # noqa: E402
+from flexsparse.models import cogvideox as cvx  # noqa: E402
+from flexsparse.models._patch import get_handle  # noqa: E402
+
+FRAMES, HW, BLOCK = 25, 64, 16  # -> 7 latent frames of 4 x 4 patches, 8 text tokens
+LAYOUT = fs.VideoLayout(frames=7, tokens_per_frame=16, text_tokens=8)
+ATOL = 2e-5
+BOUNDARIES = [0, 3, 5]
+ADJACENCY = [[1, 1, 0], [1, 1, 0], [0, 0, 1]]
+
+
+def _config(**over):
+    cfg = dict(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        time_embed_dim=8, text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8,
+        sample_frames=FRAMES, patch_size=2, max_text_seq_length=8,
+        use_rotary_positional_embeddings=True,
+    )
+    cfg.update(over)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def transformer_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("cogvideox") / "transformer"
+    CogVideoXTransformer3DModel(**_config()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def transformer(transformer_dir):
+    return CogVideoXTransformer3DModel.from_pretrained(transformer_dir).eval()
+
+
+def _inputs(batch=2, frames=7, hw=8, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, frames, 4, hw, hw, generator=g).to(dtype)
+    text = torch.randn(batch, 8, 16, generator=g).to(dtype)
+    grid = hw // 2
+    rope = get_3d_rotary_pos_embed(16, ((0, 0), (grid, grid)), (grid, grid), frames)
+    return x, text, rope
+
+
+def _forward(model, inputs, t=500):
+    x, text, rope = inputs
+    timestep = torch.full((x.shape[0],), t)
+    with torch.no_grad():
+        return model(x, text, timestep, image_rotary_emb=rope, return_dict=False)[0]
+
+
+class MaskedStock:
+    """The stock processor with a dense bool mask passed as an additive float mask."""
+
+    def __init__(self, dense: torch.Tensor):
+        self.dense = dense
+        self.stock = CogVideoXAttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None,
+                 image_rotary_emb=None):
+        b = hidden_states.shape[0]
+        add = torch.zeros(self.dense.shape, dtype=hidden_states.dtype)
+        add = add.masked_fill(~self.dense, torch.finfo(hidden_states.dtype).min)
+        add = add.expand(b, *self.dense.shape[-2:])
+        return self.stock(attn, hidden_states, encoder_hidden_states, add, image_rotary_emb)
+
+
+def _reference(model, inputs, layer_masks, t=500):
+    """Stock processors with the materialised masks (None = stock dense); the model must be
+    unpatched."""
+    for block, mask in zip(model.transformer_blocks, layer_masks):
+        proc = CogVideoXAttnProcessor2_0() if mask is None else MaskedStock(mask.to_dense())
+        block.attn1.set_processor(proc)
+    out = _forward(model, inputs, t)
+    for block in model.transformer_blocks:
+        block.attn1.set_processor(CogVideoXAttnProcessor2_0())
+    return out
+
+
+def _scenes_available() -> bool:
+    try:
+        from flexsparse.masks.scenes import scenes  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# -- layout ----------------------------------------------------------------------------------
+def test_layout_from_config(transformer):
+    assert cvx.layout_for(transformer, FRAMES, HW, HW) == LAYOUT
+    assert cvx.layout_for(transformer, 49, 480, 720).length == 8 + 13 * 1350
+    with pytest.raises(ValueError, match="height"):
+        cvx.layout_for(transformer, FRAMES, 60, HW)
+    with pytest.raises(ValueError, match="num_frames"):
+        cvx.layout_for(transformer, 24, HW, HW)
+
+
+def test_layout_patch_size_t():
+    class Cfg:
+        max_text_seq_length, patch_size, patch_size_t, temporal_compression_ratio = 8, 2, 2, 4
+
+    class T15:
+        config = Cfg()
+        transformer_blocks = []
+
+    # 25 frames -> 7 latent frames, padded to 8 -> 4 temporal patches
+    lay = cvx.layout_for(T15(), FRAMES, HW, HW)
+    assert (lay.frames, lay.tokens_per_frame, lay.text_tokens) == (4, 16, 8)
+
+
+# -- outputs -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["flex", "sdpa", "auto"])
+def test_full_mask_equals_stock(transformer, backend):
+    inputs = _inputs()
+    stock = _forward(transformer, inputs)
+    cvx.patch(transformer, fs.masks.full(), num_frames=FRAMES, height=HW, width=HW,
+              backend=backend)
+    out = _forward(transformer, inputs)
+    torch.testing.assert_close(out, stock, atol=ATOL, rtol=0)
+    cvx.unpatch(transformer)
+    procs = [b.attn1.processor for b in transformer.transformer_blocks]
+    assert all(type(p) is CogVideoXAttnProcessor2_0 for p in procs)
+    assert not hasattr(transformer, "_flexsparse_patch")
+    assert torch.equal(_forward(transformer, inputs), stock)
+
+
+def test_dense_pattern_is_stock_exactly(transformer):
+    inputs = _inputs()
+    stock = _forward(transformer, inputs)
+    handle = cvx.patch(transformer, pattern="dense", num_frames=FRAMES, height=HW, width=HW)
+    assert handle.mask_for_layer(1) is None
+    assert torch.equal(_forward(transformer, inputs), stock)
+
+
+@pytest.mark.parametrize("backend", ["flex", "sdpa"])
+def test_radial_equals_masked_stock(transformer, backend):
+    inputs = _inputs()
+    mask = radial(LAYOUT, 1.0, block_size=BLOCK)
+    assert 0.2 < mask.density() < 0.6  # the test must exercise a sparse mask
+    ref = _reference(transformer, inputs, [mask, mask])
+    handle = cvx.patch(transformer, num_frames=FRAMES, height=HW, width=HW, backend=backend,
+                       block_size=BLOCK)
+    assert torch.equal(handle.mask_for_layer(0).to_dense(), mask.to_dense())
+    out = _forward(transformer, inputs)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    # and the sparse result really differs from dense attention
+    assert (out - _reference(transformer, inputs, [None, None])).abs().max() > 1e-3
+
+
+def test_scenes_and_radial_equal_masked_stock(transformer):
+    assert _scenes_available(), "flexsparse.masks.scenes has not landed"
+    from flexsparse.masks.scenes import scenes
+
+    import networkx as nx
+
+    inputs = _inputs()
+    scene = scenes(LAYOUT, BOUNDARIES, ADJACENCY)
+    both = radial(LAYOUT, 1.0, block_size=BLOCK) & scene
+    for pattern, mask in (("scenes", scene), ("radial", both)):
+        ref = _reference(transformer, inputs, [mask, mask])
+        cvx.patch(transformer, pattern=pattern, num_frames=FRAMES, height=HW, width=HW,
+                  scenes=(BOUNDARIES, ADJACENCY), backend="flex", block_size=BLOCK)
+        torch.testing.assert_close(_forward(transformer, inputs), ref, atol=ATOL, rtol=0)
+    graph = nx.Graph([(0, 1)])
+    graph.add_node(2)
+    handle = cvx.patch(transformer, pattern="scenes", num_frames=FRAMES, height=HW, width=HW,
+                       scenes={"boundaries": BOUNDARIES, "adjacency": graph})
+    assert torch.equal(handle.mask_for_layer(0).to_dense(), scene.to_dense())
+
+
+def test_dense_layers_and_timesteps_trace(transformer):
+    inputs = _inputs()
+    mask = radial(LAYOUT, 1.0, block_size=BLOCK)
+    stock_999 = _reference(transformer, inputs, [None, None], t=999)
+    mixed_600 = _reference(transformer, inputs, [None, mask], t=600)
+    handle = cvx.patch(transformer, num_frames=FRAMES, height=HW, width=HW, dense_layers=1,
+                       dense_timesteps=2, block_size=BLOCK)
+    assert handle.mask_for_layer(0) is None and handle.mask_for_layer(1) is not None
+    # timesteps of two generations; a repeated timestep is the same step (CFG run as two
+    # forwards), a rise starts a new generation
+    schedule = [999, 999, 800, 600, 400, 999, 700]
+    outs = []
+    with cvx.recording(transformer) as trace:
+        for t in schedule:
+            outs.append(_forward(transformer, inputs, t))
+    steps = [0, 0, 1, 2, 3, 0, 1]
+    expected = [(s, layer, "dense" if s < 2 or layer == 0 else "sparse")
+                for s in steps for layer in (0, 1)]
+    assert trace == expected
+    # values: step 0 is all dense; step 2 is dense block 0 + radial block 1
+    torch.testing.assert_close(outs[0], stock_999, atol=ATOL, rtol=0)
+    torch.testing.assert_close(outs[3], mixed_600, atol=ATOL, rtol=0)
+    assert (outs[3] - _reference(transformer, inputs, [None, None], t=600)).abs().max() > 1e-4
+    cvx.reset_steps(transformer)
+    assert get_handle(transformer).extra["steps"].step == 0
+
+
+def test_observer_sees_rope_applied_qkv(transformer):
+    inputs = _inputs()
+    handle = cvx.patch(transformer, num_frames=FRAMES, height=HW, width=HW, block_size=BLOCK)
+    seen = []
+    with handle.observing(lambda i, q, k, v: seen.append((i, tuple(q.shape), tuple(v.shape)))):
+        _forward(transformer, inputs)
+    assert seen == [(0, (2, 2, 120, 16), (2, 2, 120, 16)), (1, (2, 2, 120, 16), (2, 2, 120, 16))]
+    assert handle.kind == "cogvideox" and handle.layers == [0, 1]
+
+
+def test_bf16_close_to_fp32(transformer):
+    inputs = _inputs()
+    mask = radial(LAYOUT, 1.0, block_size=BLOCK)
+    ref = _reference(transformer, inputs, [mask, mask])
+    transformer.to(torch.bfloat16)
+    cvx.patch(transformer, num_frames=FRAMES, height=HW, width=HW, backend="flex",
+              block_size=BLOCK)
+    x, text, rope = inputs
+    out = _forward(transformer, (x.bfloat16(), text.bfloat16(), rope))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.05)
+
+
+def test_tuned_dynamic_mask_composes(transformer, monkeypatch):
+    """``tuned=path``: the per-layer dynamic mask of ``load_params(path)`` is and-ed with the
+    pattern (load_params stubbed: its parameter files are another module's)."""
+    import flexsparse.tune as tune
+
+    keep = torch.rand(LAYOUT.length // 8 + 1, LAYOUT.length // 8 + 1) < 0.7
+    keep |= torch.eye(keep.shape[0], dtype=torch.bool)
+    tiles = fs.Mask.from_tiles(keep[:15, :15], 8, length=LAYOUT.length, name="tuned")
+
+    class Dyn(fs.DynamicMask):
+        name = "tuned"
+
+        def bind(self, q, k):
+            return tiles
+
+    class Params:
+        def layer_mask(self, i):
+            return Dyn() if i == 1 else None
+
+    calls = []
+    monkeypatch.setattr(tune, "load_params", lambda p: calls.append(p) or Params(),
+                        raising=False)
+    inputs = _inputs()
+    mask = radial(LAYOUT, 1.0, block_size=BLOCK)
+    ref = _reference(transformer, inputs, [mask, mask & tiles])
+    cvx.patch(transformer, num_frames=FRAMES, height=HW, width=HW, block_size=BLOCK,
+              tuned="params.json")
+    assert calls == []  # loaded lazily
+    torch.testing.assert_close(_forward(transformer, inputs), ref, atol=ATOL, rtol=0)
+    assert calls == ["params.json"]
+
+
+# -- errors -------------------------------------------------------------------------------------
+def test_wrong_resolution_is_a_clear_error(transformer):
+    cvx.patch(transformer, num_frames=FRAMES, height=HW, width=HW, block_size=BLOCK)
+    with pytest.raises(ValueError, match="built for 120 tokens.*got 72 tokens"):
+        _forward(transformer, _inputs(frames=4))
+    other = fs.VideoLayout(frames=4, tokens_per_frame=16, text_tokens=8)
+    with pytest.raises(ValueError, match="built for 72 tokens"):
+        cvx.patch(transformer, radial(other, block_size=BLOCK), num_frames=FRAMES,
+                  height=HW, width=HW)
+
+
+def test_bad_arguments(transformer):
+    kw = dict(num_frames=FRAMES, height=HW, width=HW)
+    with pytest.raises(ValueError, match="pattern"):
+        cvx.patch(transformer, pattern="spiral", **kw)
+    with pytest.raises(ValueError, match="backend"):
+        cvx.patch(transformer, backend="cuda", **kw)
+    with pytest.raises(ValueError, match="dense_layers"):
+        cvx.patch(transformer, dense_layers=-1, **kw)
+    with pytest.raises(ValueError, match="scenes"):
+        cvx.patch(transformer, pattern="scenes", **kw)
+    with pytest.raises(TypeError, match="scenes must be"):
+        cvx.patch(transformer, scenes="0,3,5", **kw)
+    with pytest.raises(TypeError, match="pipe_or_transformer"):
+        cvx.patch(torch.nn.Linear(2, 2), **kw)
+    with pytest.raises(TypeError, match="mask must be"):
+        cvx.patch(transformer, torch.ones(3, 3, dtype=torch.bool), **kw)
+    assert not hasattr(transformer, "_flexsparse_patch")
+
+
+# -- the full pipeline through the CLI --------------------------------------------------------
+def _tiny_pipeline_dir(root):
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    torch.manual_seed(0)
+    words = "a cat dog runs on the beach at night red car fast".split()
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(f"▁{w}", -1.0) for w in words]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
+    text_encoder = T5EncoderModel(T5Config(
+        vocab_size=len(vocab), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+    ))
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+        latent_channels=4, layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
+    )
+    transformer = CogVideoXTransformer3DModel(**_config(sample_width=4, sample_height=4,
+                                                         sample_frames=9))
+    pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                             transformer=transformer, scheduler=CogVideoXDDIMScheduler())
+    pipe.save_pretrained(root)
+    return root
+
+
+def test_cli_video_end_to_end(tmp_path, capsys):
+    from flexsparse.cli import main
+
+    model = _tiny_pipeline_dir(tmp_path / "tiny-cogvideox")
+    out = tmp_path / "out.mp4"
+    # 9 frames at 32 x 32 -> 3 latent frames x 4 tokens + 8 text tokens
+    rc = main(["video", "--model", str(model), "--prompt", "a cat runs on the beach",
+               "--pattern", "radial", "--frames", "9", "--height", "32", "--width", "32",
+               "--steps", "2", "--dense-layers", "1", "--dense-timesteps", "1",
+               "--block-size", "4", "--seed", "0", "-o", str(out), "--trace"])
+    assert rc == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    written = [p for p in tmp_path.iterdir() if p.name.startswith("out")]
+    assert written, f"no output next to {out}: {list(tmp_path.iterdir())}"
+    if out.exists():
+        assert out.stat().st_size > 0
+    else:  # no video writer installed: frames saved as .npy instead, and said so
+        frames = np.load(tmp_path / "out.npy")
+        assert frames.shape == (9, 32, 32, 3) and np.isfinite(frames).all()
+        assert "out.npy" in text
+    # 2 steps x 2 blocks: step 0 dense, step 1 dense in block 0 only
+    assert "step 0: dense dense" in text and "step 1: dense sparse" in text
+
+
+def test_cli_usage_errors(tmp_path, capsys):
+    from flexsparse.cli import main
+
+    rc = main(["video", "--model", str(tmp_path / "missing"), "--prompt", "x", "-o",
+               str(tmp_path / "o.mp4")])
+    assert rc == 2 and "missing" in capsys.readouterr().err
+    rc = main(["video", "--model", str(tmp_path), "--prompt", "x", "--pattern", "scenes",
+               "-o", str(tmp_path / "o.mp4")])
+    assert rc == 2 and "--boundaries" in capsys.readouterr().err
