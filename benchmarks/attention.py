@@ -65,9 +65,10 @@ def main() -> None:
                 add(name, lambda: F.scaled_dot_product_attention(q, k, v))
         except RuntimeError as exc:
             print(f"{name} unavailable: {exc}")
-    add("flex dense", lambda: fs.attention(q, k, v, masks.full(), backend="flex"))
+    dense = masks.full()
+    add("flex dense", lambda: fs.attention(q, k, v, dense, backend="flex"))
     ref = F.scaled_dot_product_attention(q, k, v)
-    out = fs.attention(q, k, v, masks.full(), backend="flex")
+    out = fs.attention(q, k, v, dense, backend="flex")
     print("flex dense vs SDPA max abs diff:", (out - ref).abs().max().item())
     sparse = {f"flex band {int(f * 1000) / 10}%": fs.Mask.from_tiles(banded_tiles(n, f), 128,
                                                                        length=n)

@@ -81,7 +81,8 @@ class MaskedStock:
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None,
                  image_rotary_emb=None):
         b = hidden_states.shape[0]
-        add = torch.zeros(self.dense.shape, dtype=hidden_states.dtype)
+        add = torch.zeros(self.dense.shape, dtype=hidden_states.dtype,
+                          device=self.dense.device)
         add = add.masked_fill(~self.dense, torch.finfo(hidden_states.dtype).min)
         add = add.expand(b, *self.dense.shape[-2:])
         return self.stock(attn, hidden_states, encoder_hidden_states, add, image_rotary_emb)
@@ -171,9 +172,9 @@ def test_radial_equals_masked_stock(transformer, backend):
 
 def test_scenes_and_radial_equal_masked_stock(transformer):
     assert _scenes_available(), "flexsparse.masks.scenes has not landed"
-    from flexsparse.masks.scenes import scenes
-
     import networkx as nx
+
+    from flexsparse.masks.scenes import scenes
 
     inputs = _inputs()
     scene = scenes(LAYOUT, BOUNDARIES, ADJACENCY)
@@ -336,7 +337,7 @@ def test_cli_video_end_to_end(tmp_path, capsys):
     rc = main(["video", "--model", str(model), "--prompt", "a cat runs on the beach",
                "--pattern", "radial", "--frames", "9", "--height", "32", "--width", "32",
                "--steps", "2", "--dense-layers", "1", "--dense-timesteps", "1",
-               "--block-size", "4", "--seed", "0", "-o", str(out), "--trace"])
+               "--block-size", "4", "--seed", "0", "-o", str(out), "--trace", "--save-mask"])
     assert rc == 0, capsys.readouterr().err
     text = capsys.readouterr().out
     written = [p for p in tmp_path.iterdir() if p.name.startswith("out")]
@@ -347,8 +348,33 @@ def test_cli_video_end_to_end(tmp_path, capsys):
         frames = np.load(tmp_path / "out.npy")
         assert frames.shape == (9, 32, 32, 3) and np.isfinite(frames).all()
         assert "out.npy" in text
+    assert (tmp_path / "out_mask.png").stat().st_size > 0
     # 2 steps x 2 blocks: step 0 dense, step 1 dense in block 0 only
     assert "step 0: dense dense" in text and "step 1: dense sparse" in text
+
+
+def test_cli_scene_flags(tmp_path):
+    import argparse
+
+    from flexsparse.commands import video
+
+    adj = tmp_path / "adj.json"
+    adj.write_text("[[1, 0], [0, 1]]")
+    args = argparse.Namespace(boundaries="0, 3", adjacency=str(adj), pattern="radial",
+                              frame_units="pixel")
+    assert video.scenes_arg(args) == dict(boundaries=[0, 3], adjacency=[[1, 0], [0, 1]],
+                                          frame_units="pixel")
+    assert video.parse_adjacency("1,1,0;1,1,1;0,1,1") == [[1, 1, 0], [1, 1, 1], [0, 1, 1]]
+    with pytest.raises(video.UsageError, match="square"):
+        video.parse_adjacency("1,1;1")
+    with pytest.raises(video.UsageError, match="boundaries"):
+        video.parse_boundaries("0,a")
+    with pytest.raises(video.UsageError, match="together"):
+        video.scenes_arg(argparse.Namespace(boundaries="0,3", adjacency=None, pattern="radial",
+                                            frame_units="latent"))
+    assert video.format_trace([(0, 0, "dense"), (0, 1, "dense"), (1, 0, "dense"),
+                               (1, 1, "sparse")]) == ["step 0: dense dense",
+                                                      "step 1: dense sparse"]
 
 
 def test_cli_usage_errors(tmp_path, capsys):
@@ -360,3 +386,67 @@ def test_cli_usage_errors(tmp_path, capsys):
     rc = main(["video", "--model", str(tmp_path), "--prompt", "x", "--pattern", "scenes",
                "-o", str(tmp_path / "o.mp4")])
     assert rc == 2 and "--boundaries" in capsys.readouterr().err
+
+
+# -- CUDA (run by the lead on the GPU machine) ------------------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flex", "quant"])
+def test_cuda_bf16_radial_matches_masked_stock(tmp_path, backend):
+    """49 frames at 256 x 256 (13 x 256 + 8 = 3,336 tokens), block 128, bf16 on CUDA (flex
+    compiled) against the fp32 stock processor with the dense mask: within 0.05 (flex), 0.1
+    (quant: quantized q k^T adds its own error)."""
+    torch.manual_seed(0)
+    model = CogVideoXTransformer3DModel(**_config(attention_head_dim=64, sample_width=32,
+                                                  sample_height=32, sample_frames=49))
+    model.save_pretrained(tmp_path)
+    model = CogVideoXTransformer3DModel.from_pretrained(tmp_path).eval().cuda()
+    layout = cvx.layout_for(model, 49, 256, 256)
+    mask = radial(layout, 1.0, block_size=128)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 13, 4, 32, 32, generator=g).cuda()
+    text = torch.randn(2, 8, 16, generator=g).cuda()
+    rope = tuple(t.cuda() for t in get_3d_rotary_pos_embed(64, ((0, 0), (16, 16)), (16, 16), 13))
+    ts = torch.full((2,), 500, device="cuda")
+    for block in model.transformer_blocks:
+        block.attn1.set_processor(MaskedStock(mask.to_dense().cuda()))
+    with torch.no_grad():
+        ref = model(x, text, ts, image_rotary_emb=rope, return_dict=False)[0]
+    for block in model.transformer_blocks:
+        block.attn1.set_processor(CogVideoXAttnProcessor2_0())
+    model.to(torch.bfloat16)
+    try:
+        cvx.patch(model, num_frames=49, height=256, width=256, backend=backend)
+        with torch.no_grad():
+            out = model(x.bfloat16(), text.bfloat16(), ts, image_rotary_emb=rope,
+                        return_dict=False)[0]
+    except ValueError as exc:
+        if backend == "quant" and "quant" in str(exc):
+            pytest.skip(f"quant backend unavailable: {exc}")
+        raise
+    assert out.dtype == torch.bfloat16
+    tol = 0.05 if backend == "flex" else 0.1
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+@cuda
+@pytest.mark.gpu
+def test_cuda_pipeline_with_cpu_offload(tmp_path):
+    """The tiny pipeline on CUDA in fp16 with enable_model_cpu_offload and CFG: the patch
+    keeps working under accelerate's hooks and the step trace is as asked."""
+    pytest.importorskip("accelerate")
+    from diffusers import CogVideoXPipeline
+
+    path = _tiny_pipeline_dir(tmp_path / "tiny")
+    pipe = CogVideoXPipeline.from_pretrained(path, torch_dtype=torch.float16)
+    pipe.enable_model_cpu_offload()
+    cvx.patch(pipe, num_frames=9, height=32, width=32, block_size=4, dense_timesteps=1,
+              backend="sdpa")
+    with cvx.recording(pipe) as trace:
+        frames = pipe("a cat", num_frames=9, height=32, width=32, num_inference_steps=2,
+                      max_sequence_length=8, output_type="np").frames[0]
+    assert np.isfinite(frames).all() and frames.shape == (9, 32, 32, 3)
+    assert [p for _, _, p in trace] == ["dense", "dense", "sparse", "sparse"]

@@ -2,12 +2,23 @@
 ``DynamicMask`` for data-dependent patterns)."""
 
 from .basic import causal, document, full, kv_prefix, prefix_lm, sliding_window
+from .frames import frame_window
+from .meansim import MeansimMask, meansim
+from .radial import radial
+from .scenes import scenes
+from .segments import segments
 
 __all__ = [
+    "radial",
+    "scenes",
+    "segments",
+    "meansim",
+    "MeansimMask",
     "full",
     "causal",
     "sliding_window",
     "kv_prefix",
     "prefix_lm",
     "document",
+    "frame_window",
 ]

@@ -1,0 +1,275 @@
+"""CPU tests of the quantized attention backend: quantization helpers, the PyTorch
+reference (vs the float64 dense reference), tile skipping, pvthreshd, support decisions,
+and the Triton kernel itself under TRITON_INTERPRET=1 on tiny shapes (fp16 P·V: the
+interpreter's fp8 rounding is not the hardware's)."""
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import flexsparse as fs
+from flexsparse.kernels import mask_tiles, quant_reference, quantize_blocks, supports, to_fp8
+from flexsparse.kernels.quant import k_mean, v_channel_scale
+
+
+def rel_l2(a, b):
+    a, b = a.double().flatten(), b.double().flatten()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def cosine(a, b):
+    a, b = a.double().flatten(), b.double().flatten()
+    return torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+
+
+def rand_qkv(b, hq, hkv, nq, nk, d, seed, dtype=torch.bfloat16, k_shift=0.5):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, nq, d, generator=g).to(dtype)
+    k = (torch.randn(b, hkv, nk, d, generator=g) + k_shift).to(dtype)
+    v = torch.randn(b, hkv, nk, d, generator=g).to(dtype)
+    return q, k, v
+
+
+def smooth_qkv(b, hq, hkv, nq, nk, d, seed, dtype=torch.bfloat16):
+    """Video-like inputs: slowly varying along the tokens, a per-channel offset, noise."""
+    g = torch.Generator().manual_seed(seed)
+
+    def one(h, n):
+        t = torch.arange(n, dtype=torch.float32)[:, None]
+        freq = torch.rand(d, generator=g) * 0.05
+        phase = torch.rand(d, generator=g) * 6.28
+        base = torch.sin(t * freq + phase) + torch.randn(b, h, 1, d, generator=g)
+        return (2 * base + 0.3 * torch.randn(b, h, n, d, generator=g)).to(dtype)
+
+    return one(hq, nq), one(hkv, nk), one(hkv, nk)
+
+
+# -- quantization helpers -----------------------------------------------------------------
+
+
+def test_quantize_blocks_roundtrip_and_padding():
+    x = torch.randn(2, 3, 200, 64)
+    vals, scales = quantize_blocks(x, 64)
+    assert vals.dtype == torch.int8 and vals.shape == (2, 3, 256, 64)
+    assert scales.shape == (2, 3, 4)
+    assert (vals[:, :, 200:] == 0).all()
+    deq = vals.float().view(2, 3, 4, 64, 64) * scales[..., None, None]
+    err = (deq.view(2, 3, 256, 64)[:, :, :200] - x).abs()
+    # symmetric rounding: at most half a step per element
+    step = scales.repeat_interleave(64, -1)[..., :200, None]
+    assert (err <= step / 2 + 1e-6).all()
+    assert vals.abs().max() == 127
+
+
+def test_quantize_blocks_mean_zero_block_and_rounding():
+    x = torch.zeros(1, 1, 64, 64)
+    vals, scales = quantize_blocks(x, 64)
+    assert (vals == 0).all() and torch.isfinite(scales).all()
+    # round half away from zero: 0.5 steps go outward
+    y = torch.tensor([127.0, 0.5, -0.5, 1.5, -2.5]).repeat(13)[:64]
+    vals, _ = quantize_blocks(y.view(1, 1, 1, 64).expand(1, 1, 64, 64), 64)
+    assert vals[0, 0, 0, :5].tolist() == [127, 1, -1, 2, -3]
+    k = torch.randn(1, 2, 100, 64) + 3.0
+    mean = k_mean(k)
+    assert torch.allclose(mean, k.mean(2), atol=1e-6)
+    vals, scales = quantize_blocks(k, 64, mean=mean)
+    assert scales.max() < 5 / 127  # smoothing removed the offset of 3 from the range
+
+
+def test_fp8_helpers():
+    x = torch.tensor([500.0, -1000.0, 31.93, 0.0, 1e-6])
+    y = to_fp8(x)
+    assert y.tolist()[:4] == [448.0, -448.0, 32.0, 0.0]
+    v = torch.randn(1, 2, 50, 64)
+    sv = v_channel_scale(v)
+    assert torch.allclose(sv * 448, v.abs().amax(2))
+
+
+# -- the reference vs float64 dense --------------------------------------------------------
+
+CASES = [  # b, hq, hkv, nq, nk, d, causal
+    (1, 2, 2, 300, 300, 64, False),
+    (1, 4, 2, 200, 333, 128, True),
+    (2, 2, 1, 130, 130, 64, True),
+    (1, 2, 2, 1, 257, 64, True),
+]
+
+
+@pytest.mark.parametrize("inputs", ["random", "smooth"])
+@pytest.mark.parametrize("case", CASES)
+def test_reference_fp16_vs_dense(case, inputs):
+    b, hq, hkv, nq, nk, d, causal = case
+    make = rand_qkv if inputs == "random" else smooth_qkv
+    q, k, v = make(b, hq, hkv, nq, nk, d, seed=nq + nk)
+    mask = fs.masks.causal() if causal else None
+    out = quant_reference(q, k, v, causal=causal, pv_dtype="fp16")
+    exact = fs.reference(q, k, v, mask)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert rel_l2(out, exact) <= 3e-2
+    assert cosine(out, exact) >= 0.999
+
+
+@pytest.mark.parametrize("case", CASES[:2])
+def test_reference_fp8_vs_dense(case):
+    b, hq, hkv, nq, nk, d, causal = case
+    mask = fs.masks.causal() if causal else None
+    q, k, v = smooth_qkv(b, hq, hkv, nq, nk, d, seed=3)
+    out = quant_reference(q, k, v, causal=causal, pv_dtype="fp8")
+    exact = fs.reference(q, k, v, mask)
+    assert rel_l2(out, exact) <= 3e-2 and cosine(out, exact) >= 0.999
+    # On flat (random) attention FP8's 3-bit P mantissa costs ~3.6 % alone: why fp8 is
+    # opt-in. Bound it so a regression still shows.
+    q, k, v = rand_qkv(b, hq, hkv, nq, nk, d, seed=4)
+    out = quant_reference(q, k, v, causal=causal, pv_dtype="fp8")
+    err = rel_l2(out, fs.reference(q, k, v, mask))
+    assert 1e-2 < err < 5e-2
+
+
+def test_reference_tiles_match_mask():
+    q, k, v = rand_qkv(1, 3, 3, 400, 400, 64, seed=5)
+    g = torch.Generator().manual_seed(1)
+    kept = torch.rand(3, 4, 4, generator=g) < 0.5
+    kept[0, 1] = False  # a query tile with no key: zeros, not NaN
+    kept[1:, :, 0] = True
+    mask = fs.Mask.from_tiles(kept, 128)
+    n_partial, kept_t, num, idx = mask_tiles(mask, 400, 400, "cpu")
+    assert n_partial == 0 and torch.equal(kept_t[0], kept)
+    assert num.shape == (1, 3, 4) and idx.shape == (1, 3, 4, 4)
+    out = quant_reference(q, k, v, kept=kept_t, pv_dtype="fp16")
+    exact = fs.reference(q, k, v, mask)
+    assert (out[0, 0, 128:256] == 0).all()
+    assert rel_l2(out, exact) <= 3e-2 and cosine(out, exact) >= 0.999
+    # skipping means skipping: garbage in dropped tiles' keys changes nothing
+    k2, v2 = k.clone(), v.clone()
+    dropped_cols = ~kept.any(1).any(0)  # key tiles no head/row keeps
+    if dropped_cols.any():
+        j = int(dropped_cols.nonzero()[0])
+        k2[..., j * 128:(j + 1) * 128, :] = 1e3
+        v2[..., j * 128:(j + 1) * 128, :] = 1e3
+        # K smoothing uses the mean over all tokens: it shifts every score of a row equally
+        out2 = quant_reference(q, k2, v2, kept=kept_t, pv_dtype="fp16")
+        assert torch.isfinite(out2).all()
+    dense_ref = quant_reference(q, k, v, pv_dtype="fp16")
+    assert not torch.allclose(dense_ref, out)
+
+
+def test_partial_masks_are_counted():
+    window = fs.masks.sliding_window(100)
+    assert mask_tiles(window, 512, 512, "cpu")[0] > 0
+    # the same tiles at 64 are partial at 128
+    kept64 = torch.eye(8, dtype=torch.bool)
+    assert mask_tiles(fs.Mask.from_tiles(kept64, 64), 512, 512, "cpu")[0] > 0
+
+
+def test_pvthreshd_rule():
+    q, k, v = rand_qkv(1, 2, 2, 256, 384, 64, seed=6, k_shift=0.0)
+    # key block 3 (rows 192..255) scores far below the rest for every query
+    q[..., 0] = 3.0
+    k[:, :, 192:256, 0] = -40.0
+    base = quant_reference(q, k, v, pv_dtype="fp16")
+    assert torch.equal(quant_reference(q, k, v, pv_dtype="fp16", pvthreshd=math.inf), base)
+    thr = torch.tensor([8.0, math.inf])
+    out = quant_reference(q, k, v, pv_dtype="fp16", pvthreshd=thr)
+    assert torch.equal(out[:, 1], base[:, 1])
+    # the skipped block's values no longer matter for head 0 ...
+    v2 = v.clone()
+    v2[:, :, 192:256] = 100.0
+    out2 = quant_reference(q, k, v2, pv_dtype="fp16", pvthreshd=thr)
+    assert torch.equal(out2[:, 0], out[:, 0])
+    # ... and without the threshold they do (a little), so the test can fail
+    assert not torch.equal(quant_reference(q, k, v2, pv_dtype="fp16")[:, 0], base[:, 0])
+    assert rel_l2(out, base) < 1e-3
+    # threshold 0 skips blocks whose best score is below the running max: still close
+    loose = quant_reference(q, k, v, pv_dtype="fp16", pvthreshd=0.0)
+    assert rel_l2(loose, fs.reference(q, k, v)) < 0.5
+
+
+# -- support decisions and errors -------------------------------------------------------------
+
+
+def test_supports_and_dispatch_on_cpu():
+    q, k, v = rand_qkv(1, 2, 2, 256, 256, 64, seed=7)
+    assert "CUDA" in supports(q, k, None)
+    kept = torch.ones(2, 2, dtype=torch.bool)
+    mask = fs.Mask.from_tiles(kept, 128)
+    assert fs.explain(q, k, v, mask).backend != "quant"
+    with pytest.raises(ValueError, match="quant"):
+        fs.attention(q, k, v, mask, backend="quant")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(pv_dtype="int4"), "pv_dtype"),
+        (dict(block_n=32), "block_n"),
+        (dict(pvthreshd=[1.0, 2.0, 3.0]), "pvthreshd"),
+        (dict(pvthreshd=-1.0), "pvthreshd"),
+        (dict(kept=torch.ones(1, 1, 3, 3, dtype=torch.bool)), "kept"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    q, k, v = rand_qkv(1, 2, 2, 256, 256, 64, seed=8)
+    with pytest.raises((ValueError, TypeError), match=match):
+        quant_reference(q, k, v, **kwargs)
+
+
+def test_bad_shapes():
+    q, k, v = rand_qkv(1, 3, 2, 64, 64, 64, seed=9)
+    with pytest.raises(ValueError, match="multiple"):
+        quant_reference(q, k, v)
+    q, k, v = rand_qkv(1, 2, 2, 64, 64, 32, seed=9)
+    with pytest.raises(ValueError, match="head_dim"):
+        quant_reference(q, k, v)
+
+
+# -- the Triton kernel in the interpreter ------------------------------------------------------
+
+_INTERP = textwrap.dedent(
+    """
+    import torch
+    from flexsparse.kernels import quant_attention, quant_reference
+
+    def rel(a, b):
+        a, b = a.double().flatten(), b.double().flatten()
+        return ((a - b).norm() / b.norm()).item()
+
+    g = torch.Generator().manual_seed(0)
+    worst = 0.0
+    cases = [  # b, hq, hkv, nq, nk, causal, tiles, pvthreshd
+        (1, 2, 1, 130, 200, False, False, None),
+        (1, 2, 2, 100, 260, True, False, None),
+        (1, 2, 1, 200, 200, False, True, None),
+        (1, 2, 2, 150, 300, False, False, [0.0, 4.0]),
+    ]
+    for b, hq, hkv, nq, nk, causal, tiles, thr in cases:
+        q = torch.randn(b, hq, nq, 64, generator=g).half()
+        k = torch.randn(b, hkv, nk, 64, generator=g).half()
+        v = torch.randn(b, hkv, nk, 64, generator=g).half()
+        kept = None
+        if tiles:
+            kept = torch.rand(1, hq, -(-nq // 128), -(-nk // 128), generator=g) < 0.6
+            kept[0, 0, 0] = False
+        kw = dict(causal=causal, kept=kept, pvthreshd=thr, pv_dtype="fp16")
+        out = quant_attention(q, k, v, **kw)
+        ref = quant_reference(q, k, v, **kw)
+        assert torch.isfinite(out).all()
+        worst = max(worst, rel(out, ref))
+    print("WORST", worst)
+    """
+)
+
+
+def test_triton_kernel_interpreted():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run(
+        [sys.executable, "-c", _INTERP], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    worst = float(res.stdout.split("WORST")[1])
+    assert worst < 2e-3
