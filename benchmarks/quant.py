@@ -187,6 +187,19 @@ def main() -> int:
             rows.append(dict(table="accuracy", case=f"{kind}/{mname}", impl="flex-bf16",
                              rel_l2=err, cosine=cos, ok=err <= 3e-2 and cos >= 0.999))
 
+    # -- pvthreshd on smooth inputs (2b shape): time saved and error added --------------------
+    b, h, n, d = SHAPES["cogvideox-2b"]
+    q, k, v = (structured(b, h, n, d, dev, gen) for _ in range(3))
+    base = quant_attention(q, k, v)
+    ms0 = bench_ms(functools.partial(quant_attention, q, k, v))
+    for thr in (6.0, 10.0):
+        out = quant_attention(q, k, v, pvthreshd=thr)
+        ms = bench_ms(functools.partial(quant_attention, q, k, v, pvthreshd=thr))
+        rows.append(dict(table="pvthreshd", case=f"structured/dense thr={thr:g}",
+                         impl="quant-fp16", ms=ms, vs_off=ms0 / ms,
+                         rel_l2_vs_off=accuracy(out, base)[0]))
+    del q, k, v, base
+
     # -- speed ------------------------------------------------------------------------------
     for sname, shape in shapes.items():
         rows += speed_rows(sname, shape, args.quick, args.sweep, flex, gen, pvs)
@@ -198,6 +211,7 @@ def main() -> int:
         ("accuracy", ["case", "impl", "rel_l2", "cosine", "ok"]),
         ("speed", ["shape", "mask", "density", "impl", "ms", "tflops", "vs_flex", "vs_cudnn"]),
         ("sweep", ["shape", "impl", "config", "ms", "tflops"]),
+        ("pvthreshd", ["case", "impl", "ms", "vs_off", "rel_l2_vs_off"]),
     ):
         sel = [r for r in rows if r["table"] == name]
         if sel:

@@ -362,6 +362,7 @@ def ulysses_attention(
     backend: str = "auto",
     scale: float | None = None,
     enable_gqa: bool | None = None,
+    block_size: int | tuple[int, int] = 128,
 ) -> Tensor:
     """Sequence-parallel ``flexsparse.attention`` (DeepSpeed-Ulysses).
 
@@ -376,6 +377,7 @@ def ulysses_attention(
         seq_len: tokens of the full sequence (sum of the shards).
         backend, scale: as for ``flexsparse.attention`` (run on each rank for its heads).
         enable_gqa: None infers GQA from the head counts; False forbids ``Hq != Hkv``.
+        block_size: tile size of each rank's ``BlockMask`` (as for ``attention``).
 
     Returns:
         ``[B, Hq, n_r, D]``: rank r's shard of the attention output; gathered over ranks it
@@ -406,7 +408,7 @@ def ulysses_attention(
         )
     if world == 1:
         return attention(q_local, k_local, v_local, mask, scale=scale, backend=backend,
-                         enable_gqa=enable_gqa)
+                         enable_gqa=enable_gqa, block_size=block_size)
     _check_divisible("q heads", hq, world)
     if isinstance(mask, Mask) and mask.heads is not None and mask.heads != hq:
         raise ValueError(f"mask {mask.name!r} has {mask.heads} heads but q_local has {hq}")
@@ -417,5 +419,5 @@ def ulysses_attention(
     q, k, v = _seq_to_heads([q_local, k_local, v_local], group, seq_len, world)
     h_local = hq // world
     local_mask = slice_heads(mask, rank * h_local, (rank + 1) * h_local)
-    out = attention(q, k, v, local_mask, scale=scale, backend=backend)
+    out = attention(q, k, v, local_mask, scale=scale, backend=backend, block_size=block_size)
     return _heads_to_seq(out, group, seq_len, world)

@@ -190,8 +190,7 @@ class Mask:
         kv = torch.arange(kv_len, device=device)[None, :]
         b, h = self._batch_head_index(device, extra_dims=2)
         out = self.mask_mod_for(device)(b, h, q, kv)
-        shape = [d for d in (self.batch, self.heads) if d is not None] + [q_len, kv_len]
-        return out.to(torch.bool).expand(shape).clone()
+        return out.to(torch.bool).expand(self._lead_shape() + [q_len, kv_len]).clone()
 
     def _default_lengths(self, q_len, kv_len):
         if kv_len is None:
@@ -202,16 +201,26 @@ class Mask:
             raise ValueError(f"mask {self.name!r} has no length of its own: pass q_len, kv_len")
         return q_len, kv_len
 
+    def _lead_shape(self) -> list[int]:
+        """Leading dims of dense / tile tensors: [], [H] or [B, H] (H = 1 when a
+        batch-dependent mask does not depend on the head)."""
+        if self.batch is not None:
+            return [self.batch, self.heads or 1]
+        return [self.heads] if self.heads is not None else []
+
     def _batch_head_index(self, device, extra_dims: int) -> tuple[Tensor, Tensor]:
         tail = (1,) * extra_dims
+        zero = torch.zeros((), dtype=torch.long, device=device)
         if self.heads is not None:
             h = torch.arange(self.heads, device=device).view(self.heads, *tail)
+        elif self.batch is not None:
+            h = zero.view(1, *tail)
         else:
-            h = torch.zeros((), dtype=torch.long, device=device)
+            h = zero
         if self.batch is not None:
-            b = torch.arange(self.batch, device=device).view(self.batch, *(1,) * (extra_dims + 1))
+            b = torch.arange(self.batch, device=device).view(self.batch, 1, *tail)
         else:
-            b = torch.zeros((), dtype=torch.long, device=device)
+            b = zero
         return b, h
 
     # -- tile level -----------------------------------------------------------------------
@@ -248,8 +257,7 @@ class Mask:
             hi = int(grid.q_hi[min(start + rows_per_chunk, grid.shape[0]) - 1])
             q = torch.arange(lo, hi + 1, device=grid.device)[:, None]
             dense = mod(b, h, q, kv).to(torch.bool)
-            lead = [d for d in (self.batch, self.heads) if d is not None]
-            dense = dense.expand(*lead, hi - lo + 1, grid.kv_len)
+            dense = dense.expand(*self._lead_shape(), hi - lo + 1, grid.kv_len)
             chunks.append(T.states_from_dense(dense, grid.block_q, grid.block_kv))
         return torch.cat(chunks, dim=-2)
 

@@ -244,3 +244,16 @@ def test_subprocess_demo_quick_writes_report(tmp_path):
         err = float(cell.split("(")[1].rstrip(")"))
         assert err < 1e-5, cells
     assert "| pattern" in res.stdout
+
+
+def test_demo_bad_arguments_and_help(tmp_path, capsys):
+    assert cli.main(["demo", "--sections", "nope", "-o", str(tmp_path / "d")]) == 2
+    assert "--sections: unknown ['nope']; available: patterns" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert cli.main(["demo", "-o", str(tmp_path / "file")]) == 2
+    assert "-o must be a directory" in capsys.readouterr().err
+    for cmd in ("show", "demo"):
+        with pytest.raises(SystemExit) as exc:
+            cli.main([cmd, "--help"])
+        assert exc.value.code == 0
+        assert f"usage: flexsparse {cmd}" in capsys.readouterr().out

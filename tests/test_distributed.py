@@ -95,6 +95,10 @@ def _optional_masks() -> list[tuple[str, object, int | None, str]]:
     if "scenes" in mods:
         m = mods["scenes"].scenes(layout, boundaries=[0, 2], adjacency=[[1, 0], [1, 1]])
         found.append(("scenes", m, layout.length, "flex"))
+        if "radial" in mods:  # composition with refined tiles
+            both = m & mods["radial"].radial(layout, model="hunyuan", block_size=16,
+                                             granularity="token")
+            found.append(("radial&scenes", both, layout.length, "sdpa"))
     if "meansim" in mods:
         ms = mods["meansim"].meansim
         found.append(("meansim", ms(0.0, cdfthreshd=0.6, block_q=16, block_kv=16), None,

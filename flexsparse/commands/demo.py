@@ -116,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
     ctx = DemoContext(
         out=out, quick=args.quick, device=device,
         dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-        repeats=1 if args.quick else 5, log=lambda msg: print(msg, file=sys.stderr),
+        repeats=1 if args.quick else (5 if device.type == "cuda" else 3),
+        log=lambda msg: print(msg, file=sys.stderr),
     )
     results = []
     for name, target in chosen:
@@ -236,9 +237,17 @@ class Case:
     notes: str = ""
 
 
+#: Four scenes; the last returns to the place of the first (a far edge 0 - 3).
+SCENE_ADJACENCY = [[1, 1, 0, 1], [1, 1, 1, 0], [0, 1, 1, 1], [1, 0, 1, 1]]
+SCENE_NAMES = ["street", "cafe", "park", "street again"]
+
+
 def _scene_bounds(layout) -> list[int]:
-    f = layout.frames
-    return [0, max(1, (5 * f) // 13), max(2, (9 * f) // 13)]
+    """Four scene starts spread like 0, 4, 7, 10 of 13 frames (needs >= 4 frames)."""
+    bounds = [0]
+    for frac in (4, 7, 10):
+        bounds.append(max(bounds[-1] + 1, (frac * layout.frames) // 13))
+    return bounds
 
 
 def _cases() -> tuple[list[Case], list[str]]:
@@ -260,8 +269,7 @@ def _cases() -> tuple[list[Case], list[str]]:
     scenes = available("scenes")
     if scenes:
         cases.append(Case("scenes", "video",
-                          lambda lay: scenes(lay, _scene_bounds(lay),
-                                             C.chain_adjacency(3)),
+                          lambda lay: scenes(lay, _scene_bounds(lay), SCENE_ADJACENCY),
                           scenes=_scene_bounds))
     frame_window = available("frame_window")
     if frame_window:
@@ -316,6 +324,7 @@ def patterns_section(ctx: DemoContext) -> SectionResult:
     )
     heads, dim = (4, 64) if ctx.device.type == "cuda" else (2, 64)
     unavailable: dict[str, str] = {}
+    auto_picks: list[str] = []
     for case in cases:
         shown, small = sizes[case.kind]
         ctx.log(f"[demo]   {case.name}")
@@ -324,7 +333,8 @@ def patterns_section(ctx: DemoContext) -> SectionResult:
         stats = mask.stats(n, n)
         path = ctx.out / f"{case.name}.png"
         scenes = case.scenes(shown) if case.scenes else None
-        viz.plot_mask(mask, n, n, layout=shown, level="block", path=path, scenes=scenes)
+        viz.plot_mask(mask, n, n, layout=shown, level="block", path=path, scenes=scenes,
+                      scene_names=SCENE_NAMES if scenes else None)
         res.figures.append(path)
         small_mask = case.build(small)
         cells, picked = _attention_cells(ctx, small_mask, small.length, heads, dim, backends,
@@ -334,12 +344,12 @@ def patterns_section(ctx: DemoContext) -> SectionResult:
             f"{small.length:,}", *cells,
         ])
         if picked:
-            notes.append(f"{case.name}: auto chose {picked}")
+            auto_picks.append(f"{case.name} → {picked}")
     if "scenes" in [c.name for c in cases]:
         shown = sizes["video"][0]
         path = ctx.out / "scene_graph.png"
-        viz.plot_scene_graph(C.chain_adjacency(3), layout=shown, boundaries=_scene_bounds(shown),
-                             path=path)
+        viz.plot_scene_graph(SCENE_ADJACENCY, layout=shown, boundaries=_scene_bounds(shown),
+                             names=SCENE_NAMES, path=path)
         res.figures.append(path)
     if "radial" in [c.name for c in cases]:
         # The published tile map next to the exact token rule, on the reduced layout.
@@ -351,7 +361,10 @@ def patterns_section(ctx: DemoContext) -> SectionResult:
         viz.compare(radial(small, granularity="block"), radial(small, granularity="token"),
                     layout=small, path=path, names=("block", "token"))
         res.figures.append(path)
-    notes += [f"{b}: n/a here: {why}" for b, why in unavailable.items()]
+    if auto_picks:
+        notes.append("auto chose: " + ", ".join(auto_picks))
+    notes += [f"{b}: {why}" if b.endswith("failed") else f"{b}: n/a here: {why}"
+              for b, why in unavailable.items()]
     res.notes = notes + [
         f"attention: batch 1, {heads} heads, head dim {dim}, {str(ctx.dtype).replace('torch.', '')}"
         f" on {ctx.device}; time = median of {ctx.repeats} calls after a warm-up; max err = "
@@ -382,9 +395,11 @@ def _attention_cells(ctx, mask, n, heads, dim, backends, unavailable: dict):
         try:
             ms, out = time_call(lambda b=backend: fs.attention(q, k, v, mask, backend=b),
                                 ctx.repeats, ctx.device)
-        except (RuntimeError, ValueError, NotImplementedError) as exc:
+        except Exception as exc:  # noqa: BLE001 - one failing backend must not end the demo
             cells.append("error")
-            ctx.log(f"[demo]     {backend} failed: {type(exc).__name__}: {exc}")
+            msg = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            unavailable[f"{backend} failed"] = msg
+            ctx.log(f"[demo]     {backend} failed: {msg}")
             continue
         err = (out.detach().to("cpu", torch.float64) - ref).abs().max().item()
         cells.append(f"{ms:.2f} ({err:.1e})")

@@ -98,7 +98,7 @@ def _quant_v(
 def _attn_block(
     acc, l_i, m_i, q, c_q, Kb, Vb, Ks, start_n, q_pos, row_ok, N_KV, V_ROW, V_COL, thr,
     MASK: tl.constexpr, PV_FP8: tl.constexpr, USE_PVT: tl.constexpr, FOLD: tl.constexpr,
-    BLOCK_N: tl.constexpr, D: tl.constexpr,
+    PVT_BRANCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
 ):
     """One (query tile, key block) step of the online softmax; scores in log2 units.
 
@@ -138,8 +138,17 @@ def _attn_block(
     v = tl.load(Vb + offs_n[:, None] * V_ROW + offs_d[None, :] * V_COL)  # [BLOCK_N, D]
     if USE_PVT:
         gap = tl.max(tl.where(row_ok, m_blk - m_safe, float("-inf")), 0)
-        if gap >= -thr:
-            acc += tl.dot(p.to(v.dtype), v)
+        if PVT_BRANCH:
+            # Skips the MMA. The product goes to a fresh accumulator: Triton's WGMMA
+            # pipelining mishandles a loop-carried accumulator updated under an ``if``.
+            if gap >= -thr:
+                pv = tl.dot(p.to(v.dtype), v)
+            else:
+                pv = tl.zeros([BLOCK_M, D], tl.float32)
+            acc += pv
+        else:
+            # Same result without a branch (no time saved): zero P of a skipped block.
+            acc += tl.dot(tl.where(gap >= -thr, p, 0.0).to(v.dtype), v)
     else:
         acc += tl.dot(p.to(v.dtype), v)
     return acc, l_i, m_new
@@ -152,7 +161,7 @@ def _attn(
     snb, snh, sib, sih, siq,
     HQ, GROUP, N_Q, N_KV, NQ_PAD, NK_PAD, Q_OFF, NQB, NKB, NKT,
     MODE: tl.constexpr,  # 0 dense, 1 causal, 2 tile list
-    PV_FP8: tl.constexpr, USE_PVT: tl.constexpr, FOLD: tl.constexpr,
+    PV_FP8: tl.constexpr, USE_PVT: tl.constexpr, FOLD: tl.constexpr, PVT_BRANCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr,
 ):
     """One query tile of one (b, h). Q, K: int8 [B, H, N_PAD, D]; V: fp8 [B, Hkv, D, NK_PAD]
@@ -191,12 +200,12 @@ def _attn(
         for start_n in range(0, n_full, BLOCK_N):
             acc, l_i, m_i = _attn_block(
                 acc, l_i, m_i, q, c_q, Kb, Vb, Ks, start_n, q_pos, row_ok, N_KV, V_ROW,
-                V_COL, thr, 0, PV_FP8, USE_PVT, FOLD, BLOCK_N, D,
+                V_COL, thr, 0, PV_FP8, USE_PVT, FOLD, PVT_BRANCH, BLOCK_M, BLOCK_N, D,
             )
         if n_full < N_KV:  # the ragged last block
             acc, l_i, m_i = _attn_block(
                 acc, l_i, m_i, q, c_q, Kb, Vb, Ks, n_full, q_pos, row_ok, N_KV, V_ROW,
-                V_COL, thr, 1, PV_FP8, USE_PVT, FOLD, BLOCK_N, D,
+                V_COL, thr, 1, PV_FP8, USE_PVT, FOLD, PVT_BRANCH, BLOCK_M, BLOCK_N, D,
             )
     elif MODE == 1:
         # Blocks every row of the tile sees in full, then the diagonal band.
@@ -205,12 +214,12 @@ def _attn(
         for start_n in range(0, lo_diag, BLOCK_N):
             acc, l_i, m_i = _attn_block(
                 acc, l_i, m_i, q, c_q, Kb, Vb, Ks, start_n, q_pos, row_ok, N_KV, V_ROW,
-                V_COL, thr, 0, PV_FP8, USE_PVT, FOLD, BLOCK_N, D,
+                V_COL, thr, 0, PV_FP8, USE_PVT, FOLD, PVT_BRANCH, BLOCK_M, BLOCK_N, D,
             )
         for start_n in range(lo_diag, hi, BLOCK_N):
             acc, l_i, m_i = _attn_block(
                 acc, l_i, m_i, q, c_q, Kb, Vb, Ks, start_n, q_pos, row_ok, N_KV, V_ROW,
-                V_COL, thr, 2, PV_FP8, USE_PVT, FOLD, BLOCK_N, D,
+                V_COL, thr, 2, PV_FP8, USE_PVT, FOLD, PVT_BRANCH, BLOCK_M, BLOCK_N, D,
             )
     else:
         n_ptr = NumBlk + b * snb + h * snh + pid_m
@@ -225,13 +234,15 @@ def _attn(
             for s in tl.static_range(TILE_N // BLOCK_N):
                 acc, l_i, m_i = _attn_block(
                     acc, l_i, m_i, q, c_q, Kb, Vb, Ks, tile * TILE_N + s * BLOCK_N, q_pos,
-                    row_ok, N_KV, V_ROW, V_COL, thr, 0, PV_FP8, USE_PVT, FOLD, BLOCK_N, D,
+                    row_ok, N_KV, V_ROW, V_COL, thr, 0, PV_FP8, USE_PVT, FOLD, PVT_BRANCH, BLOCK_M,
+                    BLOCK_N, D,
                 )
         if ragged:
             for s in tl.static_range(TILE_N // BLOCK_N):
                 acc, l_i, m_i = _attn_block(
                     acc, l_i, m_i, q, c_q, Kb, Vb, Ks, last * TILE_N + s * BLOCK_N, q_pos,
-                    row_ok, N_KV, V_ROW, V_COL, thr, 1, PV_FP8, USE_PVT, FOLD, BLOCK_N, D,
+                    row_ok, N_KV, V_ROW, V_COL, thr, 1, PV_FP8, USE_PVT, FOLD, PVT_BRANCH, BLOCK_M,
+                    BLOCK_N, D,
                 )
 
     inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)

@@ -301,7 +301,7 @@ def _token_tile_rule(
         w, kp = width[d], keep[d]
         min_dist = torch.clamp(torch.maximum(b_lo - a_hi, a_lo - b_hi), min=0)
         max_dist = torch.maximum(a_hi - b_lo, b_hi - a_lo)
-        sub_all, sub_any = kp & (max_dist <= w), kp & (min_dist <= w)
+        sub_all, sub_any = kp & (max_dist <= w), kp & (min_dist < w)
         if sink:
             sub_all, sub_any = sub_all | (b_f == 0), sub_any | (b_f == 0)
         valid = a_v & b_v

@@ -89,13 +89,14 @@ def test_tile_lists_random(seed, pv):
         assert rel_l2(out.cpu(), exact) < (3e-2 if pv == "fp16" else 5e-2)
 
 
+@pytest.mark.parametrize("branch", [True, False])
 @pytest.mark.parametrize("pv", PVS)
-def test_pvthreshd_matches_reference(pv):
+def test_pvthreshd_matches_reference(pv, branch):
     q, k, v = qkv(2, 4, 2, 1000, 1500, 64, torch.float16, 7)
     # make some key blocks irrelevant: their scores sit far below the others
     k[:, :, 640:1024] -= 4.0 * q.mean((1, 2))[:, None, None, :]
     thr = torch.tensor([0.0, 6.0, 12.0, 1e9])
-    out = quant_attention(q, k, v, pvthreshd=thr, pv_dtype=pv)
+    out = quant_attention(q, k, v, pvthreshd=thr, pv_dtype=pv, pvt_branch=branch)
     ref = quant_reference(q, k, v, pvthreshd=thr, pv_dtype=pv)
     assert rel_l2(out, ref) < 5e-3
     off = quant_attention(q, k, v, pv_dtype=pv)
