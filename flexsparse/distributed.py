@@ -171,7 +171,9 @@ def _all_to_all(send: Tensor, group) -> Tensor:
     if send.requires_grad and torch.is_grad_enabled():
         import torch.distributed.nn.functional as dnn
 
-        return dnn.all_to_all_single(recv, send, group=group or dist.group.WORLD)
+        return dnn.all_to_all_single(
+            recv, send, group=group if group is not None else dist.group.WORLD
+        )
     dist.all_to_all_single(recv, send, group=group)
     return recv
 

@@ -9,7 +9,6 @@ the float64 dense reference (atol 2e-5).
 
 from __future__ import annotations
 
-import importlib
 import os
 import tempfile
 
@@ -77,40 +76,26 @@ def _per_head_tiles(heads: int, n: int, block: int, seed: int) -> fs.Mask:
 
 
 def _optional_masks() -> list[tuple[str, object, int | None, str]]:
-    """radial / scenes / meansim once their modules exist (they are written concurrently):
-    ``(name, mask, length or None, backend)``."""
-    mods = {}
-    for m in ("radial", "scenes", "meansim"):
-        if importlib.util.find_spec(f"flexsparse.masks.{m}") is not None:
-            mods[m] = importlib.import_module(f"flexsparse.masks.{m}")
-    found = []
+    """The structured and data-dependent patterns: ``(name, mask, length or None, backend)``."""
     # 145 tokens: divisible by neither 2 nor 3; text at the end (HunyuanVideo).
     layout = fs.VideoLayout(frames=4, tokens_per_frame=34, text_tokens=9, text_position="end")
-    if "radial" in mods:
-        radial = mods["radial"].radial
-        found.append(("radial-block", radial(layout, model="hunyuan", block_size=16),
-                      layout.length, "flex"))
-        found.append(("radial-token", radial(layout, model="hunyuan", block_size=16,
-                                             granularity="token"), layout.length, "sdpa"))
-    if "scenes" in mods:
-        m = mods["scenes"].scenes(layout, boundaries=[0, 2], adjacency=[[1, 0], [1, 1]])
-        found.append(("scenes", m, layout.length, "flex"))
-        if "radial" in mods:  # composition with refined tiles
-            both = m & mods["radial"].radial(layout, model="hunyuan", block_size=16,
-                                             granularity="token")
-            found.append(("radial&scenes", both, layout.length, "sdpa"))
-    if "meansim" in mods:
-        ms = mods["meansim"].meansim
-        found.append(("meansim", ms(0.0, cdfthreshd=0.6, block_q=16, block_kv=16), None,
-                      "flex"))
-        found.append(("meansim&causal", ms(0.0, cdfthreshd=0.6, block_q=32, block_kv=16,
-                                           causal=True) & masks.causal(), None, "sdpa"))
-        if hasattr(mods["meansim"].MeansimMask, "heads_slice"):  # tuned per-head parameters
-            tuned = ms(torch.tensor([-0.5, 0.0, 0.02, -1.0, 0.01, 0.0]),
-                       cdfthreshd=torch.tensor([0.3, 0.5, 0.7, 0.9, 0.4, 0.6]),
-                       block_q=16, block_kv=16)
-            found.append(("meansim-per-head", tuned, None, "sdpa"))
-    return found
+    token_radial = masks.radial(layout, model="hunyuan", block_size=16, granularity="token")
+    scenes = masks.scenes(layout, boundaries=[0, 2], adjacency=[[1, 0], [1, 1]])
+    ms = masks.meansim
+    tuned = ms(torch.tensor([-0.5, 0.0, 0.02, -1.0, 0.01, 0.0]),
+               cdfthreshd=torch.tensor([0.3, 0.5, 0.7, 0.9, 0.4, 0.6]),
+               block_q=16, block_kv=16)
+    return [
+        ("radial-block", masks.radial(layout, model="hunyuan", block_size=16), layout.length,
+         "flex"),
+        ("radial-token", token_radial, layout.length, "sdpa"),
+        ("scenes", scenes, layout.length, "flex"),
+        ("radial&scenes", scenes & token_radial, layout.length, "sdpa"),  # refined tiles
+        ("meansim", ms(0.0, cdfthreshd=0.6, block_q=16, block_kv=16), None, "flex"),
+        ("meansim&causal", ms(0.0, cdfthreshd=0.6, block_q=32, block_kv=16, causal=True)
+         & masks.causal(), None, "sdpa"),
+        ("meansim-per-head", tuned, None, "sdpa"),
+    ]
 
 
 def _cases(world: int):
@@ -250,3 +235,15 @@ def test_slice_heads_dynamic_mask():
     with pytest.raises(ValueError, match="heads_slice"):
         slice_heads(bare, 0, 1)
     assert slice_heads(bare, 0, 2) is bare
+
+
+def test_slice_heads_meansim_per_head():
+    """Tuned meansim (per-head thresholds) is sliced by its heads_slice, so a rank never
+    binds another rank's thresholds."""
+    tuned = masks.meansim(torch.tensor([-0.5, 0.0, 0.02, -1.0]),
+                            cdfthreshd=torch.tensor([0.3, 0.5, 0.7, 0.9]), block_q=16,
+                            block_kv=16)
+    q, k = torch.randn(1, 4, 64, 8), torch.randn(1, 4, 64, 8)
+    sub = slice_heads(tuned, 2, 4)
+    assert torch.equal(sub.predict(q[:, 2:], k[:, 2:]), tuned.predict(q, k)[:, 2:])
+    assert slice_heads(masks.meansim(0.0, cdfthreshd=0.5), 0, 1) is not None

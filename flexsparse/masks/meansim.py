@@ -241,6 +241,28 @@ class MeansimMask(DynamicMask):
             f"cdf={_short(self.cdfthreshd)})" if topk is None else f"topk={_short(self.topk)})"
         )
 
+    def heads_slice(self, start: int, stop: int) -> MeansimMask:
+        """The same predictor for query heads ``start:stop`` only (per-head hyperparameters
+        sliced; floats kept), e.g. for the heads one rank owns under sequence parallelism."""
+
+        def part(value):
+            if isinstance(value, Tensor) and value.dim() == 1 and value.numel() > 1:
+                if stop > value.numel():
+                    raise ValueError(
+                        f"heads_slice({start}, {stop}) is past the {value.numel()} heads of "
+                        f"{self.name}"
+                    )
+                return value[start:stop]
+            return value
+
+        return MeansimMask(
+            part(self.simthreshd1),
+            cdfthreshd=None if self.cdfthreshd is None else part(self.cdfthreshd),
+            topk=None if self.topk is None else part(self.topk),
+            block_q=self.block_q, block_kv=self.block_kv, causal=self.causal,
+            attention_sink=self.attention_sink, smooth_k=self.smooth_k,
+        )
+
     def _check_qk(self, q: Tensor, k: Tensor) -> None:
         for name, t in (("q", q), ("k", k)):
             if not isinstance(t, Tensor):

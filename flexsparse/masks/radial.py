@@ -18,16 +18,17 @@ the published block map tile for tile (``gen_log_mask_shrinked``: every frame pa
 shrunk to tiles with a column-density vote); ``granularity="token"`` is the exact rule
 above as a ``mask_mod`` with partial tiles.
 
-Measured block-map densities at block 128 (``benchmarks/densities.py``, see
-``docs/densities.md``):
+Measured densities at block 128 (``benchmarks/densities.py``, ``docs/densities.md``):
+fraction of (query, key) pairs computed by the block map / kept by the token rule, and
+the tiles the block map skips.
 
-====================================  ========  =======  =============
-config                                tokens    density  tiles skipped
-====================================  ========  =======  =============
-CogVideoX-2b, 49 x 480 x 720, δ=1     17,776    0.578    0.422
-Wan 2.1, 69 x 768 x 1280, δ=0.2       69,120    0.266    0.734
-HunyuanVideo, 117 x 768 x 1280, δ=.95 115,456   0.284    0.716
-====================================  ========  =======  =============
+=====================================  =======  =====  =====  =============
+config                                 tokens   block  token  tiles skipped
+=====================================  =======  =====  =====  =============
+CogVideoX-2b, 49 x 480 x 720, δ=1      17,776   0.534  0.504  0.467
+Wan 2.1, 69 x 768 x 1280, δ=0.2        69,120   0.287  0.269  0.713
+HunyuanVideo, 117 x 768 x 1280, δ=0.95 115,456  0.278  0.263  0.722
+=====================================  =======  =====  =====  =============
 """
 
 from __future__ import annotations
@@ -159,6 +160,8 @@ def radial_block_map(
     Every frame pair ``(fq, fk)`` is laid on a local grid of ``n = ceil(T / B)`` blocks
     starting at block ``(s(fq) // B, s(fk) // B)`` with offsets ``s(f) % B``; a local tile is
     kept when more than 60 % of its non-empty columns have a column density above 1/3.
+    Blocks holding text are kept whole; with the text at the end (the original's layout)
+    so is a partial last video block, as the original does even when there is no text.
     Inside a pair the local mask is the band ``|i - j| <= w``, so a column's count of true
     rows in a tile is an interval overlap, computed in closed form for all pairs at once
     (pairs with the same offsets and width share one evaluation). Memory is bounded by
@@ -192,11 +195,14 @@ def radial_block_map(
     hits = torch.zeros(nb * nb + 1, dtype=torch.int32, device=device)
     hits.index_add_(0, flat.reshape(-1), kept_local.reshape(-1).to(torch.int32))
     out = (hits[:-1] > 0).view(nb, nb)
-    if layout.text_tokens:
-        lo = layout.text_start // block
-        hi = (layout.text_start + layout.text_tokens - 1) // block
-        out[lo : hi + 1] = True
-        out[:, lo : hi + 1] = True
+    if layout.text_position == "end":
+        # As the original: every block from video_tokens // B on (text, and a partial last
+        # video block even without text) is kept whole.
+        lo, hi = layout.video_tokens // block, nb - 1
+    else:
+        lo, hi = 0, (layout.text_tokens - 1) // block if layout.text_tokens else -1
+    out[lo : hi + 1] = True
+    out[:, lo : hi + 1] = True
     return out
 
 
@@ -301,7 +307,7 @@ def _token_tile_rule(
         w, kp = width[d], keep[d]
         min_dist = torch.clamp(torch.maximum(b_lo - a_hi, a_lo - b_hi), min=0)
         max_dist = torch.maximum(a_hi - b_lo, b_hi - a_lo)
-        sub_all, sub_any = kp & (max_dist <= w), kp & (min_dist < w)
+        sub_all, sub_any = kp & (max_dist <= w), kp & (min_dist <= w)
         if sink:
             sub_all, sub_any = sub_all | (b_f == 0), sub_any | (b_f == 0)
         valid = a_v & b_v
