@@ -218,8 +218,18 @@ def _run_sdpa(q, k, v, mask, scale, gqa, mode) -> Tensor:
                                                                       device=out.device))
 
 
+#: Compiled variants kept by Dynamo for one function (new shapes, dtypes, masks recompile).
+_RECOMPILE_LIMIT = 64
+
+
 @functools.lru_cache(maxsize=1)
 def _compiled_flex():
+    # A model sees many sequence lengths; Dynamo's default of 8 variants would silently fall
+    # back to the unfused eager path after the eighth.
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name) and getattr(config, name) < _RECOMPILE_LIMIT:
+            setattr(config, name, _RECOMPILE_LIMIT)
     return torch.compile(flex_attention, dynamic=False)
 
 

@@ -237,9 +237,19 @@ class MeansimMask(DynamicMask):
             if not isinstance(val, bool):
                 raise TypeError(f"{flag} must be a bool, got {val!r}")
         self.causal, self.attention_sink, self.smooth_k = causal, attention_sink, smooth_k
+        # Per-head values copied to each device once: a host-to-device copy synchronises.
+        self._device_values: dict = {}
         self.name = f"meansim({_short(self.simthreshd1)}, " + (
             f"cdf={_short(self.cdfthreshd)})" if topk is None else f"topk={_short(self.topk)})"
         )
+
+    def _on(self, value, device):
+        if not isinstance(value, Tensor):
+            return value
+        key = (id(value), str(device))
+        if key not in self._device_values:
+            self._device_values[key] = value.to(device=device, dtype=torch.float32)
+        return self._device_values[key]
 
     def heads_slice(self, start: int, stop: int) -> MeansimMask:
         """The same predictor for query heads ``start:stop`` only (per-head hyperparameters
@@ -302,10 +312,10 @@ class MeansimMask(DynamicMask):
         this mask's hyperparameters (used by calibration)."""
         pq, sq, pk, sk, q_block_offset = stats
         heads, dev = pq.shape[1], pq.device
-        sim1 = _per_head("simthreshd1", self.simthreshd1 if simthreshd1 is None
+        sim1 = _per_head("simthreshd1", self._on(self.simthreshd1, dev) if simthreshd1 is None
                          else simthreshd1, heads, dev)
         if cdfthreshd is None and topk is None:
-            cdfthreshd, topk = self.cdfthreshd, self.topk
+            cdfthreshd, topk = self._on(self.cdfthreshd, dev), self._on(self.topk, dev)
         cdf = None if cdfthreshd is None else _per_head("cdfthreshd", cdfthreshd, heads, dev)
         top = None if topk is None else _per_head("topk", topk, heads, dev)
         return select_tiles(
