@@ -266,24 +266,32 @@ def _run_flex(q, k, v, mask, scale, gqa, block_size, compile) -> Tensor:
 def _kernel_options(block_size, q: Tensor, compiled: bool) -> dict | None:
     """Kernel options for compiled FlexAttention on CUDA.
 
-    - Sparse blocks smaller than 128: the kernel's tile (e.g. 128 x 128 for bf16 at
-      head_dim 64 on an H100) must divide the BlockMask's block size, so a (128, 64) map
-      needs ``BLOCK_N <= 64``.
-    - Hopper: loading tiles with TMA measured 13.4 ms vs 14.8 ms dense and 5.8 vs 6.2 ms
-      at 25 % density (H100, CogVideoX-2b shapes, BENCHMARKS.md).
+    - Sparse blocks smaller than 128: the kernel's tile must divide the BlockMask's block
+      size, so a (128, 64) map needs ``BLOCK_N <= 64``.
+    - Hopper, head_dim <= 64: 128 x 64 tiles, 4 warps, 3 stages and TMA loads measured
+      7.9 ms vs 12.3 ms with torch's defaults on the CogVideoX-2b radial mask (density
+      0.53) and 13.4 vs 14.8 ms dense (H100, BENCHMARKS.md). Other head dims keep torch's
+      tiles and only add TMA.
     """
     if q.device.type != "cuda" or not compiled:
         return None
     options: dict = {}
+    hopper = torch.cuda.get_device_capability(q.device)[0] == 9
+    if hopper and _TUNED and q.shape[-1] <= 64:
+        options.update(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
     bq, bk = (int(x) for x in block_size)
-    if bq < 128 or bk < 128:
-        options.update(BLOCK_M=math.gcd(bq, 128), BLOCK_N=math.gcd(bk, 128))
-    if _USE_TMA and torch.cuda.get_device_capability(q.device)[0] == 9 and q.shape[-1] % 16 == 0:
+    if bq < options.get("BLOCK_M", 128) or bk < options.get("BLOCK_N", 128):
+        options.update(
+            BLOCK_M=math.gcd(bq, options.get("BLOCK_M", 128)),
+            BLOCK_N=math.gcd(bk, options.get("BLOCK_N", 128)),
+        )
+    if hopper and _TUNED and q.shape[-1] % 16 == 0:
         options["USE_TMA"] = True
     return options or None
 
 
-_USE_TMA = os.environ.get("FLEXSPARSE_TMA", "1") != "0"
+#: FLEXSPARSE_FLEX_TUNING=0 keeps torch's default FlexAttention kernel options.
+_TUNED = os.environ.get("FLEXSPARSE_FLEX_TUNING", "1") != "0"
 
 
 def reference(q: Tensor, k: Tensor, v: Tensor, mask=None, *, scale=None) -> Tensor:
