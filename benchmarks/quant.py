@@ -192,12 +192,13 @@ def main() -> int:
     q, k, v = (structured(b, h, n, d, dev, gen) for _ in range(3))
     base = quant_attention(q, k, v)
     ms0 = bench_ms(functools.partial(quant_attention, q, k, v))
-    for thr in (6.0, 10.0):
-        out = quant_attention(q, k, v, pvthreshd=thr)
-        ms = bench_ms(functools.partial(quant_attention, q, k, v, pvthreshd=thr))
+    for thr, branch in ((6.0, False), (6.0, True), (10.0, True)):
+        fn = functools.partial(quant_attention, q, k, v, pvthreshd=thr, pvt_branch=branch)
+        out = fn()
+        ms = bench_ms(fn)
         rows.append(dict(table="pvthreshd", case=f"structured/dense thr={thr:g}",
-                         impl="quant-fp16", ms=ms, vs_off=ms0 / ms,
-                         rel_l2_vs_off=accuracy(out, base)[0]))
+                         impl=f"quant-fp16 {'branch' if branch else 'zero-P'}", ms=ms,
+                         vs_off=ms0 / ms, rel_l2_vs_off=accuracy(out, base)[0]))
     del q, k, v, base
 
     # -- speed ------------------------------------------------------------------------------

@@ -144,45 +144,24 @@ def segments_batch_mask(layouts: Sequence[SegmentLayout], heads: int | None = No
     )
 
 
-class SelfEnsemble:
-    """Self-ensemble generation with a transformers LLaMA-family model.
+class PromptPacker:
+    """Packs a question's pieces into token ids and a ``SegmentLayout`` (tokenizer only).
 
-    Args:
-        model: a causal LM supported by ``flexsparse.models.llama`` (patched for the calls
-            and restored afterwards; a model patched by the caller keeps its patch).
-        tokenizer: its tokenizer (a ``PreTrainedTokenizerFast`` or similar).
-        separator: text that ends the prefix and every paraphrase segment.
-        position_mode: ``"aligned"`` (every segment starts at the same position) or
-            ``"continuous"``.
-        backend: ``flexsparse.attention`` backend for the packed prefill.
-        chat_template: use the tokenizer's chat template (None: when it has one).
+    Pieces are tokenized separately and their ids concatenated, so segment boundaries are
+    exact (no re-tokenization drift); the chat template is applied when the tokenizer has
+    one (or ``chat_template=True``); separators belong to the segment they end.
     """
 
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        separator: str = "\n\n",
-        position_mode: str = "aligned",
-        *,
-        backend: str = "auto",
-        chat_template: bool | None = None,
-    ):
+    def __init__(self, tokenizer, separator: str = "\n\n", chat_template: bool | None = None):
         if not isinstance(separator, str):
             raise TypeError(f"separator must be a str, got {type(separator).__name__}")
-        self.model = model
         self.tokenizer = tokenizer
         self.separator = separator
-        self.position_mode = check_choice("position_mode", position_mode, POSITION_MODES)
-        self.backend = backend
         has_template = bool(getattr(tokenizer, "chat_template", None))
         self.chat_template = has_template if chat_template is None else bool(chat_template)
         if self.chat_template and not has_template:
             raise ValueError("chat_template=True but the tokenizer has no chat template")
-        self.heads = model.config.num_attention_heads
         self._head, self._tail = self._template_parts()
-        self.eos_ids = _eos_ids(model, tokenizer)
-        self.pad_id = _pad_id(model, tokenizer)
 
     # -- prompt building ----------------------------------------------------------------
     def _template_parts(self) -> tuple[str, str]:
@@ -243,6 +222,51 @@ class SelfEnsemble:
         )
         ids = prefix_ids + [t for s in segments for t in s] + suffix_ids
         return PackedPrompt(ids, layout, pieces, prefix_ids, segments, suffix_ids)
+
+
+
+class SelfEnsemble:
+    """Self-ensemble generation with a transformers LLaMA-family model.
+
+    Args:
+        model: a causal LM supported by ``flexsparse.models.llama`` (patched for the calls
+            and restored afterwards; a model patched by the caller keeps its patch).
+        tokenizer: its tokenizer (a ``PreTrainedTokenizerFast`` or similar).
+        separator: text that ends the prefix and every paraphrase segment.
+        position_mode: ``"aligned"`` (every segment starts at the same position) or
+            ``"continuous"``.
+        backend: ``flexsparse.attention`` backend for the packed prefill.
+        chat_template: use the tokenizer's chat template (None: when it has one).
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        separator: str = "\n\n",
+        position_mode: str = "aligned",
+        *,
+        backend: str = "auto",
+        chat_template: bool | None = None,
+    ):
+        self.packer = PromptPacker(tokenizer, separator, chat_template)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.separator = separator
+        self.chat_template = self.packer.chat_template
+        self.position_mode = check_choice("position_mode", position_mode, POSITION_MODES)
+        self.backend = backend
+        self.heads = model.config.num_attention_heads
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.pad_id = _pad_id(model, tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of one piece (no special tokens added)."""
+        return self.packer.encode(text)
+
+    def pack(self, paraphrases: Sequence[str], prefix: str = "", suffix: str = "") -> PackedPrompt:
+        """Pack one question (see ``PromptPacker``)."""
+        return self.packer.pack(paraphrases, prefix, suffix)
 
     # -- generation ---------------------------------------------------------------------
     def generate(

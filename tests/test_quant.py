@@ -171,21 +171,22 @@ def test_pvthreshd_rule():
     # key block 3 (rows 192..255) scores far below the rest for every query
     q[..., 0] = 3.0
     k[:, :, 192:256, 0] = -40.0
-    base = quant_reference(q, k, v, pv_dtype="fp16")
-    assert torch.equal(quant_reference(q, k, v, pv_dtype="fp16", pvthreshd=math.inf), base)
+    base = quant_reference(q, k, v, pv_dtype="fp16", block_n=64)
+    no_skip = quant_reference(q, k, v, pv_dtype="fp16", block_n=64, pvthreshd=math.inf)
+    assert torch.equal(no_skip, base)
     thr = torch.tensor([8.0, math.inf])
-    out = quant_reference(q, k, v, pv_dtype="fp16", pvthreshd=thr)
+    out = quant_reference(q, k, v, pv_dtype="fp16", block_n=64, pvthreshd=thr)
     assert torch.equal(out[:, 1], base[:, 1])
     # the skipped block's values no longer matter for head 0 ...
     v2 = v.clone()
     v2[:, :, 192:256] = 100.0
-    out2 = quant_reference(q, k, v2, pv_dtype="fp16", pvthreshd=thr)
+    out2 = quant_reference(q, k, v2, pv_dtype="fp16", block_n=64, pvthreshd=thr)
     assert torch.equal(out2[:, 0], out[:, 0])
     # ... and without the threshold they do (a little), so the test can fail
-    assert not torch.equal(quant_reference(q, k, v2, pv_dtype="fp16")[:, 0], base[:, 0])
+    assert not torch.equal(quant_reference(q, k, v2, pv_dtype="fp16", block_n=64)[:, 0], base[:, 0])
     assert rel_l2(out, base) < 1e-3
     # threshold 0 skips blocks whose best score is below the running max: still close
-    loose = quant_reference(q, k, v, pv_dtype="fp16", pvthreshd=0.0)
+    loose = quant_reference(q, k, v, pv_dtype="fp16", block_n=64, pvthreshd=0.0)
     assert rel_l2(loose, fs.reference(q, k, v)) < 0.5
 
 
@@ -259,6 +260,8 @@ _INTERP = textwrap.dedent(
         ref = quant_reference(q, k, v, **kw)
         assert torch.isfinite(out).all()
         worst = max(worst, rel(out, ref))
+        if thr is not None:  # the branch form of the pvthreshd skip
+            worst = max(worst, rel(quant_attention(q, k, v, pvt_branch=True, **kw), ref))
     print("WORST", worst)
     """
 )

@@ -16,6 +16,8 @@ EXAMPLES = """examples:
   flexsparse show segments --segments 12:20,18,22:6 --generated 8 -o segments.png
   flexsparse show window --length 4096 --window 512 -o window.png
   flexsparse show --spec layout.yaml -o mask.svg
+  flexsparse show tuned params.safetensors --field cdfthreshd -o heads.png
+  flexsparse show segments --tokenizer DIR --prompt-json question.json -o packed.png
 """
 
 
@@ -31,7 +33,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     C.one_line_errors(p)
     p.add_argument("pattern", nargs="?", metavar="PATTERN",
                    help=f"one of: {', '.join(C.PATTERNS)} (or 'pattern' in --spec)")
+    p.add_argument("file", nargs="?", metavar="FILE",
+                   help="for 'show tuned': a parameter file (ours or SpargeAttn's .pt)")
     C.add_pattern_arguments(p)
+    t = p.add_argument_group("tuned parameters and packed prompts")
+    t.add_argument("--field", default="sparsity",
+                   choices=("sparsity", "cdfthreshd", "simthreshd1", "pvthreshd", "is_sparse"),
+                   help="for 'show tuned': the per-head value drawn (default sparsity)")
+    t.add_argument("--tokenizer", metavar="DIR",
+                   help="for 'show segments': tokenizer of the packed prompt (local directory)")
+    t.add_argument("--prompt-json", metavar="FILE",
+                   help="for 'show segments': {\"prefix\": str, \"paraphrases\": [str, ...], "
+                        "\"suffix\": str}, packed exactly as the self-ensemble packs it")
     g = p.add_argument_group("picture")
     g.add_argument("-o", "--output", metavar="FILE",
                    help="write the picture (.png, .svg or .pdf); without it only the numbers "
@@ -48,6 +61,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.pattern == "tuned":
+        return _show_tuned(args)
+    if args.pattern == "segments" and (args.tokenizer or args.prompt_json):
+        return _show_packed_prompt(args)
+    if args.file is not None:
+        raise UsageError(f"unexpected argument {args.file!r} (a FILE goes with 'show tuned')")
     opts = C.resolve_options(args, args.pattern)
     if args.output is not None and not args.output.lower().endswith((".png", ".svg", ".pdf")):
         raise UsageError(f"-o must end in .png, .svg or .pdf, got {args.output!r}")
@@ -86,4 +105,71 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _check_output(path: str | None) -> None:
+    if path is not None and not path.lower().endswith((".png", ".svg", ".pdf")):
+        raise UsageError(f"-o must end in .png, .svg or .pdf, got {path!r}")
+
+
+def _show_tuned(args: argparse.Namespace) -> int:
+    """``show tuned FILE``: summary of tuned per-head parameters and a layers x heads map."""
+    from .. import tune
+
+    if args.file is None:
+        raise UsageError("show tuned needs a parameter FILE (ours or a SpargeAttn .pt)")
+    _check_output(args.output)
+    params = tune.load_params(args.file)
+    print(params)
+    if args.output is not None:
+        from .. import viz
+
+        title = args.title or f"{params.model or 'tuned'}: {args.field} per head"
+        fig = viz.plot_head_sparsity(params, args.field, path=args.output, title=title)
+        width, height = fig.canvas.get_width_height()
+        print(f"wrote {args.output} ({width}x{height} px)")
+    return 0
+
+
+def _show_packed_prompt(args: argparse.Namespace) -> int:
+    """``show segments --tokenizer DIR --prompt-json FILE``: the segment mask of a real
+    packed self-ensemble prompt, its pieces labelled with their text."""
+    import json
+
+    from .. import masks
+    from ..ensemble import PromptPacker
+
+    if not (args.tokenizer and args.prompt_json):
+        raise UsageError("--tokenizer and --prompt-json go together")
+    _check_output(args.output)
+    try:
+        with open(args.prompt_json) as f:
+            spec = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--prompt-json {args.prompt_json!r} is not valid JSON: {exc}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("paraphrases"), list):
+        raise UsageError(f"--prompt-json must hold an object with a 'paraphrases' list, got "
+                         f"{type(spec).__name__}")
+    from transformers import AutoTokenizer
+
+    packer = PromptPacker(AutoTokenizer.from_pretrained(args.tokenizer))
+    packed = packer.pack(spec["paraphrases"], spec.get("prefix", ""), spec.get("suffix", ""))
+    n = packed.layout.length
+    mask = masks.segments(packed.layout)
+    stats = mask.stats(n, n, block_size=16)
+    sizes = ", ".join(f"{name} {end - start}" for name, start, end in packed.layout.spans())
+    print(f"tokens    {n} ({sizes})")
+    print(f"density   {stats['density']:.4f}")
+    if args.output is not None:
+        from .. import viz
+
+        labels = {}
+        for name, text in packed.pieces:
+            if name != "template":
+                short = " ".join(text.split())
+                labels[name] = f"{name}: {short[:28]}{'...' if len(short) > 28 else ''}"
+        viz.plot_mask(mask, n, n, layout=packed.layout, labels=labels, path=args.output,
+                      title=args.title or f"packed prompt, {n} tokens")
+        print(f"wrote {args.output}")
     return 0
