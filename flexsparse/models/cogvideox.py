@@ -255,8 +255,9 @@ class FlexSparseCogVideoXProcessor:
         elif mask is None:
             out = attention(q, k, v, None, backend="sdpa")  # the stock dense SDPA call
         else:
-            out = attention(q, k, v, mask, backend=self.handle.backend,
-                            block_size=self.handle.extra["block_size"])
+            # a data-dependent (tuned) mask builds its BlockMask at its own tile size
+            tiles = None if mask.is_dynamic else self.handle.extra["block_size"]
+            out = attention(q, k, v, mask, backend=self.handle.backend, block_size=tiles)
 
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
         out = attn.to_out[1](attn.to_out[0](out))  # linear, dropout

@@ -101,7 +101,7 @@ def patch(
     decode_backend: str = "auto",
     tuned: str | None = None,
     parallel=None,
-    block_size: int | tuple[int, int] = 128,
+    block_size: int | tuple[int, int] | None = None,
 ) -> PatchHandle:
     """Make the chosen attention layers of ``model`` use a flexsparse mask.
 
@@ -123,7 +123,8 @@ def patch(
         parallel: a ``torch.distributed`` ProcessGroup: prefill of patched layers runs
             sequence-parallel (``flexsparse.distributed.ulysses_attention``), each rank
             holding a contiguous shard of the sequence.
-        block_size: BlockMask tile size for ``"flex"``.
+        block_size: BlockMask tile size for ``"flex"``; None = the mask's native size (128,
+            or a tuned meansim map's ``(block_q, block_kv)``).
 
     Returns:
         The ``PatchHandle``, also stored as ``model._flexsparse_patch``. Patching a patched
