@@ -190,9 +190,8 @@ def select_tiles(
     if allowed is not None:
         kept = kept & allowed
     if attention_sink:
-        sink = torch.zeros(kb, dtype=torch.bool, device=dev)
-        sink[0] = True
-        kept = kept | sink
+        # built from arange: item assignment would copy a host scalar (a sync on CUDA)
+        kept = kept | (torch.arange(kb, device=dev) == 0)
     return kept
 
 
