@@ -323,3 +323,130 @@ def test_bad_inputs_to_predict():
 def test_meansim_is_exported():
     assert isinstance(masks.meansim(0.1, cdfthreshd=0.9), MeansimMask)
     assert "meansim" in masks.__all__
+
+
+# -- the optimised predictor against the previous straightforward implementation ----------
+def reference_block_stats(x, block, lead=0, smooth=False):
+    """The four steps' statistics as first written: float32 copy, zero padding."""
+    b, h, n, d = x.shape
+    xf = x.to(torch.float32)
+    if smooth:
+        xf = xf - xf.mean(dim=-2, keepdim=True)
+    total = lead + n
+    nb = -(-total // block)
+    tail = nb * block - total
+    if lead or tail:
+        xf = torch.nn.functional.pad(xf, (0, 0, lead, tail))
+    pos = torch.arange(nb * block)
+    valid = ((pos >= lead) & (pos < total)).view(nb, block)
+    count = valid.sum(-1).to(torch.float32)
+    xb = xf.view(b, h, nb, block, d)
+    pooled = xb.sum(-2) / count.clamp(min=1.0)[:, None]
+    inv = torch.linalg.vector_norm(xb, dim=-1, keepdim=True).clamp(min=1e-12).reciprocal()
+    selfsim = (xb * inv).sum(-2).square().sum(-1) / count.clamp(min=1.0).square()
+    complete = count == block
+    selfsim = torch.where(complete, selfsim, torch.full_like(selfsim, -math.inf))
+    return pooled, selfsim, complete
+
+
+def reference_select_tiles(pq, sq, pk, sk, sim1, cdf, top, bq, bk, causal, sink, q_off):
+    """Steps 2-4 as first written: full stable sort, cumsum, searchsorted, scatter."""
+    heads, d = pq.shape[1], pq.shape[-1]
+    qb, kb = pq.shape[-2], pk.shape[-2]
+    thr = sim1.view(1, heads, 1)
+    sim_q, sim_k = sq > thr, sk > thr
+    score = pq @ pk.transpose(-1, -2) * d**-0.5
+    score = torch.where(sim_k[..., None, :], score, torch.tensor(-math.inf))
+    allowed = None
+    if causal:
+        qi = torch.arange(qb)[:, None] + q_off
+        allowed = torch.arange(kb)[None, :] * bk < (qi + 1) * bq
+        score = torch.where(allowed, score, torch.tensor(-math.inf))
+    prob = torch.nan_to_num(score.softmax(-1), nan=0.0)
+    order = torch.sort(prob, dim=-1, descending=True, stable=True)
+    if cdf is not None:
+        c = order.values.cumsum(-1)
+        target = cdf.view(1, heads, 1, 1).expand(*c.shape[:-1], 1).contiguous()
+        num = torch.searchsorted(c.contiguous(), target, right=True)
+    else:
+        num = (top * kb).to(torch.int64).view(1, heads, 1, 1)
+    chosen = (torch.arange(kb) < num.clamp(min=1)).expand_as(order.indices)
+    kept = torch.zeros_like(chosen).scatter(-1, order.indices, chosen)
+    kept = kept | ~sim_k[..., None, :] | ~sim_q[..., :, None]
+    if allowed is not None:
+        kept = kept & allowed
+    if sink:
+        kept = kept | (torch.arange(kb) == 0)
+    return kept
+
+
+def reference_predict(q, k, sim1, cdf, top, bq, bk, causal, sink, smooth):
+    offset = k.shape[2] - q.shape[2]
+    pq, sq, _ = reference_block_stats(q, bq, lead=offset % bq)
+    pk, sk, _ = reference_block_stats(k, bk, smooth=smooth)
+    rep = q.shape[1] // k.shape[1]
+    pk, sk = pk.repeat_interleave(rep, dim=1), sk.repeat_interleave(rep, dim=1)
+    return reference_select_tiles(pq, sq, pk, sk, sim1, cdf, top, bq, bk, causal, sink,
+                                  offset // bq)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("mode", ["cdf", "topk", "ties"])
+def test_optimised_predict_equals_reference_implementation(seed, mode):
+    g = torch.Generator().manual_seed(seed)
+    heads, kv_heads = 4, (4 if seed % 2 else 2)
+    n_kv = [150, 160, 257, 96][seed]
+    n_q = [150, 131, 200, 96][seed]  # q_len < kv_len: leading partial query block
+    bq, bk = [(BQ, BK), (BQ, BK), (64, 32), (16, 16)][seed]
+    base = torch.randn(2, kv_heads, 1, D, generator=g)
+    k = base + 0.9 * torch.randn(2, kv_heads, n_kv, D, generator=g)
+    q = (base + 0.9 * torch.randn(2, kv_heads, n_kv, D, generator=g))[:, :, -n_q:]
+    q = q.repeat_interleave(heads // kv_heads, dim=1)
+    q = q + 0.3 * torch.randn(q.shape, generator=g)
+    if mode == "ties":
+        # identical key blocks: exactly tied probabilities across key blocks
+        k = k[:, :, :bk].repeat(1, 1, -(-n_kv // bk), 1)[:, :, :n_kv].contiguous()
+    if seed == 3:
+        q, k = q.to(torch.bfloat16), k.to(torch.bfloat16)
+    sim1 = torch.tensor([-0.1, 0.2, 0.35, 0.5])
+    cdf = None if mode == "topk" else torch.tensor([0.3, 0.6, 0.9, 1.0])
+    top = torch.tensor([0.0, 0.2, 0.5, 1.0]) if mode == "topk" else None
+    for causal in (False, True):
+        for sink in (False, True):
+            smooth = bool(seed % 2) and sink
+            m = masks.meansim(sim1, cdfthreshd=cdf, topk=top, block_q=bq, block_kv=bk,
+                              causal=causal, attention_sink=sink, smooth_k=smooth)
+            got = m.predict(q, k)
+            want = reference_predict(q, k, sim1, cdf, top, bq, bk, causal, sink, smooth)
+            assert got.shape == want.shape
+            assert torch.equal(got, want), (causal, sink)
+            assert torch.equal(m.decide(m.stats(q, k)), want)
+            if not causal:
+                assert 0.02 < want.float().mean() < 0.98  # not a trivial case
+
+
+def test_block_stats_equal_reference_with_partial_blocks():
+    mod = __import__("sys").modules["flexsparse.masks.meansim"]
+    g = torch.Generator().manual_seed(11)
+    for n, block, lead in [(100, 32, 0), (100, 32, 5), (20, 32, 7), (25, 32, 7), (64, 32, 0),
+                           (64, 32, 31), (1, 16, 15)]:
+        x = torch.randn(2, 3, n, D, generator=g)
+        x[:, :, min(3, n - 1)] = 0.0  # a zero token counts as a zero vector
+        for got, want in zip(mod.block_stats(x, block, lead), reference_block_stats(x, block,
+                                                                                   lead)):
+            assert torch.equal(got, want), (n, block, lead)
+
+
+def test_compile_policy(monkeypatch):
+    mod = __import__("sys").modules["flexsparse.masks.meansim"]
+    monkeypatch.setattr(mod, "_seen", {})
+    monkeypatch.setattr(mod, "_compiled_keys", set())
+    q, k = torch.zeros(1, 1, 8, 4), torch.zeros(1, 1, 16, 4)
+    monkeypatch.delenv("FLEXSPARSE_COMPILE", raising=False)
+    assert not mod._want_compile(q, k, "a")  # CPU: eager unless FLEXSPARSE_COMPILE=1
+    monkeypatch.setenv("FLEXSPARSE_COMPILE", "1")
+    assert not mod._want_compile(q, k, "b")  # q_len < kv_len: compiled once it repeats
+    assert mod._want_compile(q, k, "b")
+    assert mod._want_compile(k, k, "c")  # q_len == kv_len: compiled at once
+    monkeypatch.setenv("FLEXSPARSE_COMPILE", "0")
+    assert not mod._want_compile(k, k, "c")

@@ -34,6 +34,9 @@ from . import _common as C
 #: (name, "module:function") in the order they run.
 SECTIONS: list[tuple[str, str]] = [
     ("patterns", "flexsparse.commands.demo:patterns_section"),
+    ("ensemble", "flexsparse.commands.demo_sections:ensemble_section"),
+    ("cogvideox", "flexsparse.commands.demo_sections:cogvideox_section"),
+    ("tuning", "flexsparse.commands.demo_sections:tuning_section"),
 ]
 
 ATTENTION_BACKENDS = ("flex", "sdpa", "quant", "auto")
@@ -130,7 +133,12 @@ def run(args: argparse.Namespace) -> int:
         with warnings.catch_warnings():
             # Eager FlexAttention on the CPU warns that it is unfused: expected here.
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch")
-            res = fn(ctx)
+            try:
+                res = fn(ctx)
+            except Exception as exc:  # noqa: BLE001 - one failing section must not end the demo
+                msg = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+                ctx.log(f"[demo]   {name} failed: {msg}")
+                res = SectionResult(name, notes=[f"failed: {msg}"])
         res.notes.append(f"section time: {time.perf_counter() - start:.1f} s")
         results.append(res)
     header = _header(ctx, args)

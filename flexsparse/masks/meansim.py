@@ -17,8 +17,8 @@ Which tiles to compute is predicted from ``q`` and ``k`` of each call:
    tiles above the block diagonal are dropped at the end; with ``attention_sink`` key
    block 0 is kept.
 
-Everything is tensor arithmetic on ``[B, H, Qb, KVb]`` maps (sort, cumsum, searchsorted,
-scatter): no ``.item()``, no ``nonzero``, no data-dependent shapes, so on CUDA a call
+Everything is tensor arithmetic on ``[B, H, Qb, KVb]`` maps (sort, cumsum, gather, cumulative
+tie counts): no ``.item()``, no ``nonzero``, no data-dependent shapes, so on CUDA a call
 never waits for the device.
 
 The self-similarity uses ``mean_ij cos(x_i, x_j) = |sum_i x_i / |x_i||^2 / n^2``, which is
@@ -29,6 +29,8 @@ as zero vectors.
 from __future__ import annotations
 
 import math
+import os
+import warnings
 
 import torch
 from torch import Tensor
@@ -105,28 +107,71 @@ def block_stats(x: Tensor, block: int, lead: int = 0, smooth: bool = False):
         ``(pooled [B, H, nb, D] float32, selfsim [B, H, nb] float32, complete [nb] bool)``
         where ``complete`` says the block holds ``block`` real tokens; ``selfsim`` is
         ``-inf`` for incomplete blocks.
+
+    No padded or float32 copy of ``x`` is made: the complete blocks are a view of ``x``
+    reduced with float32 accumulation, the partial leading / trailing block (at most one
+    each) is reduced on its own and only pooled (its self-similarity is ``-inf``).
     """
     b, h, n, d = x.shape
-    xf = x.to(torch.float32)
     if smooth:
-        xf = xf - xf.mean(dim=-2, keepdim=True)
+        xf = x.to(torch.float32)
+        x = xf - xf.mean(dim=-2, keepdim=True)
+    f32 = torch.float32
     total = lead + n
     nb = -(-total // block)
-    tail = nb * block - total
-    if lead or tail:
-        xf = torch.nn.functional.pad(xf, (0, 0, lead, tail))
-    pos = torch.arange(nb * block, device=x.device)
-    valid = ((pos >= lead) & (pos < total)).view(nb, block)
-    count = valid.sum(-1).to(torch.float32)  # [nb]
-    xb = xf.view(b, h, nb, block, d)
-    pooled = xb.sum(-2) / count.clamp(min=1.0)[:, None]
-    # Normalise each token; a zero token (padding) stays zero.
-    inv = torch.linalg.vector_norm(xb, dim=-1, keepdim=True).clamp(min=1e-12).reciprocal()
-    unit_sum = (xb * inv).sum(-2)
-    selfsim = unit_sum.square().sum(-1) / count.clamp(min=1.0).square()
-    complete = count == block
-    selfsim = torch.where(complete, selfsim, torch.full_like(selfsim, -math.inf))
+    # Tokens of the partial leading block, of the complete blocks and of the partial tail.
+    head = min(n, (block - lead % block) % block) if lead else 0
+    full = (n - head) // block
+    tail = n - head - full * block
+    pooled, selfsim, counts = [], [], []
+    if head:
+        pooled.append(_partial_mean(x[:, :, :head], lead, block - lead - head, head))
+        counts.append([head])
+    if full:
+        xb = x[:, :, head:head + full * block].reshape(b, h, full, block, d)
+        if torch.compiler.is_compiling() or x.device.type != "cpu":
+            step = full  # one pass; compiled, the float32 upcast fuses into the reductions
+        else:
+            # CPU eager: chunks of about 4 MiB, so that the float32 temporaries are reused
+            # from the heap instead of freshly mapped (page faults dominate otherwise).
+            step = max(1, (1 << 20) // max(1, b * h * block * d))
+        sums, units = [], []
+        for i in range(0, full, step):
+            xc = xb[:, :, i:i + step]
+            if not torch.compiler.is_compiling():
+                xc = xc.to(f32)  # eager: faster than mixed-dtype kernels; no-op for float32
+            sums.append(xc.sum(-2, dtype=f32))
+            # Normalise each token; a zero token stays zero.
+            inv = torch.linalg.vector_norm(xc, dim=-1, keepdim=True, dtype=f32)
+            units.append((xc * inv.clamp(min=1e-12).reciprocal()).sum(-2))
+        total_sum = sums[0] if len(sums) == 1 else torch.cat(sums, dim=-2)
+        unit_sum = units[0] if len(units) == 1 else torch.cat(units, dim=-2)
+        pooled.append(total_sum / float(block))
+        selfsim.append(unit_sum.square().sum(-1) / float(block * block))
+        counts.append([block] * full)
+    if tail:
+        pooled.append(_partial_mean(x[:, :, n - tail:], 0, block - tail, tail))
+        counts.append([tail])
+    if not pooled:
+        pooled.append(x.new_zeros(b, h, 0, d, dtype=f32))
+    pooled = pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=-2)
+    if head or tail or not full:
+        neg = torch.full((b, h, 1), -math.inf, dtype=f32, device=x.device)
+        parts = ([neg] if head else []) + selfsim + ([neg] if tail else [])
+        selfsim = torch.cat(parts, dim=-1) if parts else x.new_zeros(b, h, 0, dtype=f32)
+    else:
+        selfsim = selfsim[0]
+    # Built from arange (a host list would be a host-to-device copy).
+    pos = torch.arange(nb, device=x.device)
+    complete = (pos >= (1 if head else 0)) & (pos < nb - (1 if tail else 0))
     return pooled, selfsim, complete
+
+
+def _partial_mean(part: Tensor, before: int, after: int, count: int) -> Tensor:
+    """Mean of a partial block ``[B, H, count, D]`` -> ``[B, H, 1, D]`` float32, summed
+    zero-padded to the block size (one small copy) so the rounding is that of a full block."""
+    padded = torch.nn.functional.pad(part.to(torch.float32), (0, 0, before, after))
+    return padded.sum(-2, keepdim=True) / float(count)
 
 
 def select_tiles(
@@ -175,17 +220,22 @@ def select_tiles(
     prob = score.softmax(-1)
     # A row with no finite score gives NaN; all its allowed tiles are kept by step 4.
     prob = torch.nan_to_num(prob, nan=0.0)
-    order = torch.sort(prob, dim=-1, descending=True, stable=True)
+    # Only the sorted values are needed (ties are resolved below as a stable sort would).
+    ordered = torch.sort(prob, dim=-1, descending=True).values
     if cdfthreshd is not None:
-        cdf = order.values.cumsum(-1)
-        target = cdfthreshd.view(1, heads, 1, 1).expand(*cdf.shape[:-1], 1).contiguous()
-        num = torch.searchsorted(cdf.contiguous(), target, right=True)  # [B, H, Qb, 1]
+        cdf = ordered.cumsum(-1)
+        # cdf is non-decreasing: the count equals a right-sided searchsorted.
+        num = (cdf <= cdfthreshd.view(1, heads, 1, 1)).sum(-1, keepdim=True)
     else:
         num = (topk * kb).to(torch.int64).view(1, heads, 1, 1)
-    num = num.clamp(min=1)
-    rank = torch.arange(kb, device=dev)
-    chosen = (rank < num).expand_as(order.indices)  # [B, H, Qb, KVb], sorted order
-    kept = torch.zeros_like(chosen).scatter(-1, order.indices, chosen)
+    num = num.clamp(min=1, max=kb).expand(*prob.shape[:-1], 1)
+    # The first ``num`` of a stable descending sort: every probability above the num-th
+    # largest value, and of the ties with it the ones with the lowest indices.
+    cut = ordered.gather(-1, num - 1)
+    above = prob > cut
+    tie = prob == cut
+    room = num - above.sum(-1, keepdim=True)
+    kept = above | (tie & (tie.cumsum(-1) <= room))
     kept = kept | ~sim_k[..., None, :] | ~sim_q[..., :, None]
     if allowed is not None:
         kept = kept & allowed
@@ -193,6 +243,72 @@ def select_tiles(
         # built from arange: item assignment would copy a host scalar (a sync on CUDA)
         kept = kept | (torch.arange(kb, device=dev) == 0)
     return kept
+
+
+def _predict(q, k, sim1, cdf, top, block_q, block_kv, causal, attention_sink, smooth_k):
+    """``stats`` + ``decide`` as one function of tensors (the unit that is compiled)."""
+    offset = k.shape[2] - q.shape[2]
+    pq, sq, _ = block_stats(q, block_q, lead=offset % block_q)
+    pk, sk, _ = block_stats(k, block_kv, smooth=smooth_k)
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        pk = pk.repeat_interleave(rep, dim=1)
+        sk = sk.repeat_interleave(rep, dim=1)
+    return select_tiles(
+        pq, sq, pk, sk, sim1, cdfthreshd=cdf, topk=top, block_q=block_q, block_kv=block_kv,
+        causal=causal, attention_sink=attention_sink, q_block_offset=offset // block_q,
+    )
+
+
+# torch.compile'd ``_predict`` on CUDA, one graph per shape (``dynamic=False``). Shapes
+# that change every call (decode steps) would recompile each time, so a shape is compiled
+# when first seen only for ``q_len == kv_len`` (prefill, video), otherwise when it repeats;
+# at most ``_COMPILE_BUDGET`` keys. FLEXSPARSE_COMPILE=0 keeps everything eager,
+# FLEXSPARSE_COMPILE=1 compiles on every device (CPU included).
+_COMPILE_BUDGET = 8
+_compiled = None
+_seen: dict = {}
+_compiled_keys: set = set()
+_failed = False
+
+
+def _want_compile(q: Tensor, k: Tensor, key) -> bool:
+    global _failed
+    flag = os.environ.get("FLEXSPARSE_COMPILE", "")
+    if flag == "0" or _failed or not hasattr(torch, "compile"):
+        return False
+    if flag != "1" and q.device.type != "cuda":
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    if key in _compiled_keys:
+        return True
+    _seen[key] = _seen.get(key, 0) + 1
+    if len(_compiled_keys) >= _COMPILE_BUDGET:
+        return False
+    if q.shape[2] == k.shape[2] or _seen[key] >= 2:
+        _compiled_keys.add(key)
+        return True
+    return False
+
+
+def _run_predict(q, k, *args) -> Tensor:
+    global _compiled, _failed
+    key = (tuple(q.shape), tuple(k.shape), q.stride(), k.stride(), q.dtype, k.dtype,
+           str(q.device), args[1] is None, args[3:])
+    if _want_compile(q, k, key):
+        if _compiled is None:
+            _compiled = torch.compile(_predict, dynamic=False)
+        try:
+            return _compiled(q, k, *args)
+        except Exception as err:  # pragma: no cover - depends on the toolchain
+            _failed = True
+            warnings.warn(
+                f"meansim: torch.compile failed ({type(err).__name__}: {err}); using eager. "
+                "Set FLEXSPARSE_COMPILE=0 to silence.",
+                stacklevel=3,
+            )
+    return _predict(q, k, *args)
 
 
 class MeansimMask(DynamicMask):
@@ -330,7 +446,17 @@ class MeansimMask(DynamicMask):
         Query blocks are aligned to absolute positions: for ``q_len < kv_len`` block 0
         starts at position ``(kv_len - q_len) // block_q * block_q`` and a block only
         partly inside ``q`` is never self-similar."""
-        return self.decide(self.stats(q, k))
+        self._check_qk(q, k)
+        heads, dev = q.shape[1], q.device
+        sim1 = _per_head("simthreshd1", self._on(self.simthreshd1, dev), heads, dev)
+        cdf = None if self.cdfthreshd is None else _per_head(
+            "cdfthreshd", self._on(self.cdfthreshd, dev), heads, dev)
+        top = None if self.topk is None else _per_head(
+            "topk", self._on(self.topk, dev), heads, dev)
+        return _run_predict(
+            q, k, sim1, cdf, top, self.block_q, self.block_kv, self.causal,
+            self.attention_sink, self.smooth_k,
+        )
 
     def bind(self, q: Tensor, k: Tensor) -> Mask:
         """The block-granular ``Mask`` of this call (batch- and head-dependent)."""
