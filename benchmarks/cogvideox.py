@@ -26,10 +26,12 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import cuda_ms  # noqa: E402
 
 COGVIDEOX_2B = dict(
     num_attention_heads=30, attention_head_dim=64, in_channels=16, out_channels=16,
@@ -42,18 +44,7 @@ HEIGHT, WIDTH, BATCH = 480, 720, 2
 
 def time_ms(fn, warmup: int, reps: int) -> float:
     """Median milliseconds of ``fn()`` over ``reps`` CUDA-event timings after ``warmup``."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return cuda_ms(fn, warmup=warmup, reps=reps)
 
 
 def build_transformer():

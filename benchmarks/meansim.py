@@ -34,6 +34,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, os.path.dirname(__file__))
+from common import cuda_ms  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 PARAMS_NAME = "spargeattn_cogvideox-2b_l1-0.06_pv-0.07.pt"
 CANDIDATES = (HERE.parent.parent / "shared/data" / PARAMS_NAME,
@@ -50,17 +53,7 @@ def bench(fn, reps: int) -> float:
 
         return float(do_bench(fn, warmup=25, rep=reps, return_mode="median"))
     except ImportError:
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(max(5, reps // 10)):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
+        return cuda_ms(fn, reps=max(5, reps // 10))
 
 
 def video_like(seed: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
