@@ -380,10 +380,7 @@ class SelfEnsemble:
             prefill = t1 - t0
             for step in range(max_new_tokens):
                 nxt = logits.argmax(-1)
-                for r, tok in enumerate(nxt.tolist()):
-                    if not done[r]:
-                        done[r] = stopper.push(out[r], tok)
-                if all(done) or step == max_new_tokens - 1:
+                if _append(nxt, out, done, stopper) or step == max_new_tokens - 1:
                     break
                 ts = _now(device)
                 attn = torch.cat([attn, attn.new_ones(len(rows), 1)], 1)
@@ -412,10 +409,7 @@ class SelfEnsemble:
             for step in range(max_new_tokens):
                 pooled = logits.mean(0) if method == "avg" else logits.max(0).values
                 nxt = pooled.argmax(-1)
-                for r, tok in enumerate(nxt.tolist()):
-                    if not done[r]:
-                        done[r] = stopper.push(out[r], tok)
-                if all(done) or step == max_new_tokens - 1:
+                if _append(nxt, out, done, stopper) or step == max_new_tokens - 1:
                     break
                 ts = _now(device)
                 new = []
@@ -501,6 +495,14 @@ def _new_cache(model):
         return DynamicCache(config=model.config)
     except TypeError:  # older transformers
         return DynamicCache()
+
+
+def _append(tokens: Tensor, out: list[list[int]], done: list[bool], stopper) -> bool:
+    """Append one greedy token per row that is still generating; True when all are done."""
+    for r, tok in enumerate(tokens.tolist()):
+        if not done[r]:
+            done[r] = stopper.push(out[r], tok)
+    return all(done)
 
 
 def _now(device) -> float:
