@@ -30,12 +30,18 @@ def _short(text: str, n: int = 28) -> str:
 def ensemble_section(ctx: DemoContext) -> SectionResult:
     """Self-ensemble (flex / avg / per_prompt) on a tiny random LLaMA; flex's tokens on
     the "flex" and "sdpa" attention backends must agree; the packed prompt's mask."""
+    title = "Self-ensemble: tiny random LLaMA, methods and backends"
+    try:
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        return SectionResult(title, notes=[
+            f"skipped: transformers is not available ({exc}); pip install -e '.[hf]'"])
     from .. import masks, viz
     from ..ensemble import SelfEnsemble
     from ..models import tiny
 
     res = SectionResult(
-        "Self-ensemble: tiny random LLaMA, methods and backends",
+        title,
         columns=["question", "method", "tokens", "seconds", "token ids", "flex = sdpa tokens"],
     )
     questions = tiny.demo_questions()[: 2 if ctx.quick else 3]
@@ -105,7 +111,8 @@ def cogvideox_section(ctx: DemoContext) -> SectionResult:
         from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
         from diffusers.models.embeddings import get_3d_rotary_pos_embed
     except ImportError as exc:
-        return SectionResult(title, notes=[f"skipped: diffusers is not available ({exc})"])
+        return SectionResult(title, notes=[
+            f"skipped: diffusers is not available ({exc}); pip install -e '.[hf]'"])
     from ..models import cogvideox as cvx
 
     frames, hw, block = 25, 64, 16  # 7 latent frames x (4 x 4) patches + 8 text tokens
