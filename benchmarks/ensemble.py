@@ -12,8 +12,6 @@ Without CUDA it runs tiny shapes on the CPU (smoke test). Writes ``$OUT/ensemble
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 import time
@@ -23,6 +21,7 @@ import torch
 from flexsparse.ensemble import SelfEnsemble
 
 sys.path.insert(0, os.path.dirname(__file__))
+from common import header, save, table  # noqa: E402
 from llama import build  # noqa: E402  (same model shapes)
 
 
@@ -87,19 +86,13 @@ def main() -> int:
     for r in rows:
         avg = next(x for x in rows if x["batch"] == r["batch"] and x["method"] == "avg")
         r["vs_avg"] = r["questions_per_s"] / avg["questions_per_s"]
-    device = torch.cuda.get_device_name() if cuda else "cpu (smoke test, tiny shapes)"
-    print(f"\n`python benchmarks/ensemble.py{' --quick' if args.quick else ''}` on {device}, "
-          f"torch {torch.__version__}, {datetime.date.today()}; LLaMA-3.2-1B shapes, bf16, "
-          f"{k} paraphrases x {length} tokens, {new_tokens} new tokens; goal flex >= 3x avg "
-          "at batch 1\n")
-    print("| batch | method | questions/s | vs avg |\n|---|---|---|---|")
     for r in rows:
-        print(f"| {r['batch']} | {r['method']} | {r['questions_per_s']:.2f} | "
-              f"{r['vs_avg']:.2f}x |")
-    if os.environ.get("OUT"):
-        meta = {"device": device, "torch": torch.__version__, "date": str(datetime.date.today())}
-        with open(os.path.join(os.environ["OUT"], "ensemble.json"), "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        r["vs avg"] = f"{r.pop('vs_avg'):.2f}x"
+    text = header(f"Self-ensemble, LLaMA-3.2-1B shapes, bf16, {k} paraphrases x {length} tokens, "
+                  f"{new_tokens} new tokens; goal flex >= 3x avg at batch 1") + "\n" + table(
+        rows, ["batch", "method", "questions_per_s", "vs avg"])
+    print(text)
+    save("ensemble", rows, text)
     return 0
 
 

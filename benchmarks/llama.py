@@ -11,13 +11,14 @@ Writes ``$OUT/llama.json`` when OUT is set.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import statistics
 import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import cuda_ms, header, save, table, wall_ms  # noqa: E402
 
 from flexsparse import masks
 from flexsparse.models import llama
@@ -45,28 +46,10 @@ def build(cuda: bool):
 
 
 def timer(cuda: bool):
+    """``measure(fn, reps)``: median ms of ``reps`` calls (callers warm up themselves)."""
     if cuda:
-        def measure(fn, reps):
-            times = []
-            for _ in range(reps):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                torch.cuda.synchronize()
-                times.append(a.elapsed_time(b))
-            return statistics.median(times)
-    else:
-        import time
-
-        def measure(fn, reps):
-            times = []
-            for _ in range(reps):
-                t = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t) * 1e3)
-            return statistics.median(times)
-    return measure
+        return lambda fn, reps: cuda_ms(fn, warmup=0, reps=reps)
+    return lambda fn, reps: wall_ms(fn, reps=reps)
 
 
 def cache_kw(model):
@@ -145,18 +128,13 @@ def main() -> int:
     base = {(r["phase"], r["tokens"]): r["ms"] for r in rows if r["variant"].startswith("sdpa")}
     for r in rows:
         r["vs_sdpa"] = r["ms"] / base[(r["phase"], r["tokens"])]
-    device = torch.cuda.get_device_name() if cuda else "cpu (smoke test, tiny shapes)"
-    print(f"\n`python benchmarks/llama.py{' --quick' if args.quick else ''}` on {device}, "
-          f"torch {torch.__version__}, {datetime.date.today()}; LLaMA-3.2-1B shapes, bf16, "
-          "random weights, batch 1; goals prefill <= 1.1x, decode <= 1.2x\n")
-    print("| phase | tokens | variant | ms | vs SDPA |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['phase']} | {r['tokens']} | {r['variant']} | {r['ms']:.3f} | "
-              f"{r['vs_sdpa']:.2f}x |")
-    if os.environ.get("OUT"):
-        meta = {"device": device, "torch": torch.__version__, "date": str(datetime.date.today())}
-        with open(os.path.join(os.environ["OUT"], "llama.json"), "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        r["vs SDPA"] = f"{r.pop('vs_sdpa'):.2f}x"
+    text = header("LLaMA-3.2-1B shapes, bf16, random weights, batch 1; goals prefill <= 1.1x, "
+                  "decode <= 1.2x") + "\n" + table(rows, ["phase", "tokens", "variant", "ms",
+                                                          "vs SDPA"])
+    print(text)
+    save("llama", rows, text)
     return 0
 
 

@@ -17,13 +17,7 @@ from flexsparse.masks.meansim import MeansimMask
 BQ, BK, D = 32, 16, 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: thread start-up dominates on a loaded 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiered(n_q_blocks=4, heads=1, batch=1, strong=6.0, medium=5.9, noise=0.0, seed=0):

@@ -17,34 +17,13 @@ BQ, BK, D = 32, 16, 32
 GRID = (-0.5, 0.0, 0.5, 0.9)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiers(seed, batch=2, heads=2, n=256, strong=8.0, medium=6.5, noise=0.02):
-    """Block-smooth q/k: query block i scores ``strong`` against key block 2i, ``medium``
-    against 2i+1, ~0 elsewhere. Keeping strong tiles only: relative L1 error ~0.3; keeping
-    strong + medium: ~0.004 (measured), so a correct tuner keeps about 2 of 16 key blocks.
-    Head 1 gets random q/k: attention is spread, no sparse setting fits the bound."""
-    g = torch.Generator().manual_seed(seed)
-    basis = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(7)))[0].T
-    nqb, nkb = n // BQ, n // BK
-    root = D**0.25
-    kdir = torch.zeros(nkb, D)
-    kdir[0::2] = basis[:nqb] * strong * root
-    kdir[1::2] = basis[:nqb] * medium * root
-    q = (basis[:nqb] * root).repeat_interleave(BQ, 0).expand(batch, heads, n, D).clone()
-    k = kdir.repeat_interleave(BK, 0).expand(batch, heads, n, D).clone()
-    q += noise * torch.randn(q.shape, generator=g)
-    k += noise * torch.randn(k.shape, generator=g)
-    q[:, 1] = torch.randn(batch, n, D, generator=g)
-    k[:, 1] = torch.randn(batch, n, D, generator=g)
-    v = torch.randn(batch, heads, n, D, generator=g)
-    return q, k, v
+def tiers(seed, **kw):
+    """Block-smooth q/k at the tests' tiles (``tune.block_structured_qkv``): head 0 fits
+    2 of 16 key blocks per query block, head 1 fits no sparse setting."""
+    return tune.block_structured_qkv(seed, block_q=BQ, block_kv=BK, head_dim=D, **kw)
 
 
 def rel_l1(out, ref):

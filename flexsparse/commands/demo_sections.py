@@ -202,26 +202,11 @@ class _MaskedStock:
 _BQ, _BK, _D = 32, 16, 32
 
 
-def block_structured_qkv(seed: int, batch: int = 2, heads: int = 2, n: int = 256,
-                         strong: float = 8.0, medium: float = 6.5, noise: float = 0.02):
-    """Synthetic q/k/v of one layer: in head 0 query block i scores ``strong`` against key
-    block 2i, ``medium`` against 2i+1 and ~0 elsewhere (sparse attention fits); head 1 is
-    random (attention spread out, no sparse setting meets the bound)."""
-    g = torch.Generator().manual_seed(seed)
-    basis = torch.linalg.qr(torch.randn(_D, _D, generator=torch.Generator().manual_seed(7)))[0].T
-    nqb, nkb = n // _BQ, n // _BK
-    root = _D**0.25
-    kdir = torch.zeros(nkb, _D)
-    kdir[0::2] = basis[:nqb] * strong * root
-    kdir[1::2] = basis[:nqb] * medium * root
-    q = (basis[:nqb] * root).repeat_interleave(_BQ, 0).expand(batch, heads, n, _D).clone()
-    k = kdir.repeat_interleave(_BK, 0).expand(batch, heads, n, _D).clone()
-    q += noise * torch.randn(q.shape, generator=g)
-    k += noise * torch.randn(k.shape, generator=g)
-    q[:, 1] = torch.randn(batch, n, _D, generator=g)
-    k[:, 1] = torch.randn(batch, n, _D, generator=g)
-    v = torch.randn(batch, heads, n, _D, generator=g)
-    return q, k, v
+def block_structured_qkv(seed: int):
+    """One synthetic layer at the demo's tiles (see ``tune.block_structured_qkv``)."""
+    from ..tune import block_structured_qkv as make
+
+    return make(seed, block_q=_BQ, block_kv=_BK, head_dim=_D)
 
 
 def tuning_section(ctx: DemoContext) -> SectionResult:

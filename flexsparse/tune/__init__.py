@@ -9,6 +9,7 @@
 
 from .calibrate import DEFAULT_GRID, METRICS, HeadResult, MeansimTuner, tune_heads
 from .params import TunedParams, load_params, load_spargeattn, plot_params
+from .synthetic import block_structured_qkv
 
 __all__ = [
     "MeansimTuner",
@@ -20,4 +21,5 @@ __all__ = [
     "plot_params",
     "DEFAULT_GRID",
     "METRICS",
+    "block_structured_qkv",
 ]
