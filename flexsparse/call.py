@@ -1,0 +1,95 @@
+"""``AttentionCall``: one attention call, validated once, and the ``Backend`` protocol.
+
+``flexsparse.attention`` validates its arguments into an ``AttentionCall`` and walks a fixed
+priority list of backends. Each backend answers ``not_supported_reasons(call)`` (an empty
+list means it can run the call) and ``run(call)``. Backends never validate again and never
+import ``flexsparse.attention``: this module is all they share with it.
+
+The lowered form every backend consumes is the ``BlockMask`` (``call.block_mask(...)``),
+cached on the mask per (lengths, device, heads, batch, tile size), so a tile map is
+computed once however many backends look at it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from .mask import Mask
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionCall:
+    """A validated attention call.
+
+    Attributes:
+        q: ``[B, Hq, Q, D]``; k, v: ``[B, Hkv, KV, D]`` (one dtype, one device).
+        mask: a bound ``Mask`` (a ``DynamicMask`` was predicted from ``q, k`` already), or
+            None for full attention. Query row ``r`` sits at row ``r + KV - Q`` of the mask's
+            ``KV x KV`` matrix (``offset``).
+        scale: the softmax scale, resolved (``D ** -0.5`` by default), finite and > 0.
+        gqa: ``Hq != Hkv`` (``Hq`` a multiple of ``Hkv``).
+        block_size: the tile size asked for (``(Bq, Bkv)``) or None for the backend's own.
+        compile: compile FlexAttention (None: on CUDA only).
+    """
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    mask: Mask | None
+    scale: float
+    gqa: bool
+    block_size: tuple[int, int] | None = None
+    compile: bool | None = None
+
+    @property
+    def q_len(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def kv_len(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def offset(self) -> int:
+        """Position of query row 0 in the mask's ``KV x KV`` matrix."""
+        return self.kv_len - self.q_len
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[3]
+
+    def block_mask(self, block_size: tuple[int, int]) -> BlockMask:
+        """The mask's ``BlockMask`` for this call at ``block_size`` tiles (cached on the
+        mask). A mask whose tiles are all empty or full carries ``noop_mask``."""
+        from .masks.basic import full
+
+        mask = full() if self.mask is None else self.mask
+        return mask.block_mask(
+            self.q_len, self.kv_len, device=self.device, heads=mask.heads, batch=mask.batch,
+            block_size=block_size,
+        )
+
+
+class Backend(Protocol):
+    """What ``flexsparse.attention`` needs of a backend."""
+
+    name: str
+
+    def not_supported_reasons(self, call: AttentionCall) -> list[str]:
+        """Why this backend cannot run ``call``; empty when it can."""
+        ...
+
+    def run(self, call: AttentionCall) -> Tensor:
+        """``[B, Hq, Q, D]`` in ``q``'s dtype; rows with no kept key are zeros."""
+        ...
