@@ -31,7 +31,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import cuda_ms  # noqa: E402
+from common import time_ms  # noqa: E402
 
 COGVIDEOX_2B = dict(
     num_attention_heads=30, attention_head_dim=64, in_channels=16, out_channels=16,
@@ -40,11 +40,6 @@ COGVIDEOX_2B = dict(
     use_rotary_positional_embeddings=False,
 )
 HEIGHT, WIDTH, BATCH = 480, 720, 2
-
-
-def time_ms(fn, warmup: int, reps: int) -> float:
-    """Median milliseconds of ``fn()`` over ``reps`` CUDA-event timings after ``warmup``."""
-    return cuda_ms(fn, warmup=warmup, reps=reps)
 
 
 def build_transformer():

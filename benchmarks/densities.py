@@ -10,6 +10,13 @@ token density is counted in closed form per frame pair (a band ``|i - j| <= w`` 
 ``T x T`` square keeps ``T + 2 * sum_{k=1..w} (T - k)`` pairs), checked against
 ``Mask.density`` on a small layout first. Bounded memory: no ``N x N`` tensor.
 ``--quick`` skips HunyuanVideo. Results go to docs/densities.md.
+
+    python benchmarks/densities.py --diagonal
+
+counts, for the standard configurations, the tiles that ``keep_diagonal=True`` (the
+default) adds to the published block map at block 128, and the video query tokens that
+see no key of their own frame in the published map (from the map and the layout, no
+``N x N`` work).
 """
 
 from __future__ import annotations
@@ -96,11 +103,70 @@ def measure(label: str, layout: fs.VideoLayout, model: str, decay: float, device
     )
 
 
+DIAGONAL_CONFIGS = [
+    ("CogVideoX-2b 49x480x720", (49, 480, 720, "cogvideox"), 1.0),
+    ("CogVideoX 97x480x720", (97, 480, 720, "cogvideox"), 1.0),
+    ("CogVideoX1.5 81x768x1360", (81, 768, 1360, "cogvideox1.5"), 1.0),
+    ("HunyuanVideo 117x768x1280", (117, 768, 1280, "hunyuan"), 0.95),
+    ("Wan2.1 81x720x1280", (81, 720, 1280, "wan2.1"), 0.2),
+]
+
+
+def blind_tokens(kept: torch.Tensor, layout: fs.VideoLayout, block: int) -> int:
+    """Video query tokens whose kept tiles (block-granular map) hold no key of their own
+    frame: token of frame ``f`` in block row ``r`` sees its frame iff a kept tile of row
+    ``r`` overlaps the key blocks of ``f`` (prefix sums along the row)."""
+    t, vs = layout.tokens_per_frame, layout.video_start
+    sums = torch.nn.functional.pad(kept.to(torch.int64).cumsum(1), (1, 0))
+    blind = 0
+    for f in range(layout.frames):
+        lo, hi = vs + f * t, vs + (f + 1) * t - 1
+        for row in range(lo // block, hi // block + 1):
+            if sums[row, hi // block + 1] == sums[row, lo // block]:
+                blind += min(hi, row * block + block - 1) - max(lo, row * block) + 1
+    return blind
+
+
+def diagonal_rows() -> list[dict]:
+    rows = []
+    for label, (frames, h, w, preset), decay in DIAGONAL_CONFIGS:
+        for position in ("start", "end"):
+            layout = fs.VideoLayout.from_video(frames, h, w, model=preset)
+            if layout.text_tokens == 0 and position == "start":
+                continue
+            layout = fs.VideoLayout(layout.frames, layout.tokens_per_frame,
+                                    layout.text_tokens, position)
+            n = layout.length
+            old = masks.radial(layout, decay, preset, BLOCK, keep_diagonal=False)
+            new = masks.radial(layout, decay, preset, BLOCK)
+            old_map, new_map = old.block_map(n, n, BLOCK), new.block_map(n, n, BLOCK)
+            rows.append(dict(
+                config=label, decay=decay, text=f"{layout.text_tokens} {position}",
+                tokens=n, tiles=old_map.numel(), kept_published=int(old_map.sum()),
+                tiles_added=int((new_map & ~old_map).sum()),
+                blind_published=blind_tokens(old_map, layout, BLOCK),
+                blind_kept_diagonal=blind_tokens(new_map, layout, BLOCK),
+            ))
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="skip HunyuanVideo")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--diagonal", action="store_true",
+                    help="tiles keep_diagonal adds at the standard configurations")
     args = ap.parse_args()
+    if args.diagonal:
+        rows = diagonal_rows()
+        cols = ["config", "decay", "text", "tokens", "tiles", "kept_published",
+                "tiles_added", "blind_published", "blind_kept_diagonal"]
+        text = (header("Radial keep_diagonal: tiles added to the published map (block 128)")
+                + "\n" + table(rows, cols))
+        print("\n" + text)
+        save("radial_keep_diagonal", rows, text)
+        return
     check_closed_form()
     rows = []
     for label, (frames, h, w, model), decay in CONFIGS[: 2 if args.quick else 3]:

@@ -17,8 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 
 sys.path.insert(0, os.path.dirname(__file__))
-from attention import banded_tiles  # noqa: E402
-from common import cuda_ms, header, save, table  # noqa: E402
+from common import banded_tiles, time_ms, write_table  # noqa: E402
 
 import flexsparse as fs  # noqa: E402
 from flexsparse import masks  # noqa: E402
@@ -39,7 +38,7 @@ def main() -> None:
     compiled = torch.compile(flex_attention, dynamic=False)
     rows = []
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-        ms = cuda_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+        ms = time_ms(lambda: F.scaled_dot_product_attention(q, k, v))
     rows.append(dict(mask="dense", options="cuDNN SDPA", ms=ms, tflops=flops / ms / 1e9))
     ref = F.scaled_dot_product_attention(q, k, v)
     full = masks.full().block_mask(n, n, device="cuda")
@@ -58,17 +57,16 @@ def main() -> None:
                     err = (out.float() - ref.float()).abs().max().item()
                 else:
                     err = float("nan")
-                ms = cuda_ms(lambda bm=bm, kw=kw: compiled(q, k, v, block_mask=bm, **kw))
+                ms = time_ms(lambda bm=bm, kw=kw: compiled(q, k, v, block_mask=bm, **kw))
             except Exception as exc:  # noqa: BLE001 - report and go on
                 print(name, "failed:", type(exc).__name__, str(exc)[:200])
                 continue
             rows.append(dict(mask=mask_name, options=name, ms=ms,
                              tflops=flops * density / ms / 1e9, max_err=err))
             print(rows[-1], flush=True)
-    text = header(f"FlexAttention kernel options, B={b} H={h} N={n} D={d}") + "\n" + table(
-        rows, ["mask", "options", "ms", "tflops", "max_err"])
-    print(text)
-    save(f"flex_options_d{d}", rows, text)
+    write_table(None, rows, ["mask", "options", "ms", "tflops", "max_err"],
+                f"FlexAttention kernel options, B={b} H={h} N={n} D={d}",
+                ["ms: median of 20 CUDA-event timings after 3 warm-up calls."])
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import cuda_ms, header, save, table  # noqa: E402
+from common import time_ms, write_table  # noqa: E402
 
 import flexsparse as fs  # noqa: E402
 from flexsparse import masks  # noqa: E402
@@ -34,7 +34,7 @@ def main() -> None:
     compiled = torch.compile(flex_attention, dynamic=False)
     rows = []
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-        ms = cuda_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+        ms = time_ms(lambda: F.scaled_dot_product_attention(q, k, v))
     rows.append(dict(variant="cuDNN dense", ms=ms))
     fast = mask.block_mask(n, n, device="cuda")
     slow = create_block_mask(mask.mask_mod_for("cuda"), None, None, n, n, device="cuda",
@@ -58,7 +58,7 @@ def main() -> None:
     for name, (bm, opts, (qq, kk, vv)) in variants.items():
         kw = {} if opts is None else {"kernel_options": opts}
         try:
-            ms = cuda_ms(lambda bm=bm, kw=kw, t=(qq, kk, vv): compiled(*t, block_mask=bm, **kw))
+            ms = time_ms(lambda bm=bm, kw=kw, t=(qq, kk, vv): compiled(*t, block_mask=bm, **kw))
         except Exception as exc:  # noqa: BLE001 - report and go on
             print(name, "failed:", type(exc).__name__, str(exc)[:300])
             continue
@@ -66,10 +66,9 @@ def main() -> None:
         print(rows[-1], flush=True)
     print("partial tiles fast/slow:", int(fast.kv_num_blocks.sum()), int(slow.kv_num_blocks.sum()),
           "full:", int(fast.full_kv_num_blocks.sum()), int(slow.full_kv_num_blocks.sum()))
-    text = header(f"Radial FlexAttention variants, density {density:.3f}") + "\n" + table(
-        rows, ["variant", "ms", "tflops"])
-    print(text)
-    save("flex_sparse_probe", rows, text)
+    write_table(None, rows, ["variant", "ms", "tflops"],
+                f"Radial FlexAttention variants, density {density:.3f}",
+                ["ms: median of 20 CUDA-event timings after 3 warm-up calls."])
 
 
 if __name__ == "__main__":

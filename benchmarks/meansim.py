@@ -5,13 +5,14 @@
 Shapes: B=2, H=30, N=17,776 (13 frames x 1350 patches + 226 text tokens), D=64, bf16.
 Inputs are structured, video-like: per head, q and k are smooth low-frequency fields over
 (frame, row, column) plus noise; text tokens are random. Per layer the SpargeAttn
-parameters of CogVideoX-2b (``--params``, default ``../shared/data/...`` then
-``./.bench_data/...``) give the tile map.
+parameters of CogVideoX-2b (``--params``, default the file shipped in ``flexsparse/data``)
+give the tile map.
 
 Rows (median of timed runs after warm-up, same GPU, same run):
 - dense SDPA (cuDNN; flash if cuDNN is unavailable): the peer.
-- predictor: ``MeansimMask.predict`` alone (eager, and torch.compile'd), as a fraction of
-  dense (goal < 5 %).
+- predictor: ``MeansimMask.predict`` alone: the Triton kernels (opt-in,
+  ``FLEXSPARSE_MEANSIM_TRITON=1``), the PyTorch path eager and torch.compile'd, as a
+  fraction of dense (goal < 5 %); the number of tiles where the Triton and PyTorch maps differ.
 - meansim + flex: predict + bind + BlockMask build + compiled FlexAttention, at the
   native (128, 64) tiles and at 128 x 128 tiles (converted map), averaged over layers,
   with the achieved sparsity (skipped fraction of tiles) averaged over layers.
@@ -35,25 +36,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import cuda_ms  # noqa: E402
+from common import time_ms  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PARAMS_NAME = "spargeattn_cogvideox-2b_l1-0.06_pv-0.07.pt"
-CANDIDATES = (HERE.parent.parent / "shared/data" / PARAMS_NAME,
-              HERE.parent / ".bench_data" / PARAMS_NAME, Path(".bench_data") / PARAMS_NAME)
 B, H, D = 2, 30, 64
 FRAMES, ROWS, COLS, TEXT = 13, 30, 45, 226
 SHARPNESS = 3.0
 
 
 def bench(fn, reps: int) -> float:
-    """Median milliseconds of ``fn`` after warm-up (triton's do_bench when available)."""
-    try:
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=25, rep=reps, return_mode="median"))
-    except ImportError:
-        return cuda_ms(fn, reps=max(5, reps // 10))
+    """Median milliseconds of ``fn`` (``common.time_ms``, CUDA events) after warm-up."""
+    return time_ms(fn, warmup=5, reps=max(10, reps // 5))
 
 
 def video_like(seed: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,13 +81,17 @@ def video_like(seed: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 def find_params(path: str | None) -> Path | None:
     if path:
         return Path(path)
-    return next((p for p in CANDIDATES if p.is_file()), None)
+    from flexsparse.tune import spargeattn_example_path
+
+    return spargeattn_example_path()  # SpargeAttn's published CogVideoX-2b file, shipped
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="5 layers, fewer repetitions")
     parser.add_argument("--params", help=f"SpargeAttn parameter file ({PARAMS_NAME})")
+    parser.add_argument("--predictor-only", action="store_true",
+                        help="dense and the predictor rows only (no meansim + flex layers)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("meansim benchmark: CUDA is required", file=sys.stderr)
@@ -128,8 +126,8 @@ def main() -> int:
 
     path = find_params(args.params)
     if path is None or not path.is_file():
-        notes.append(f"no parameter file (looked for {PARAMS_NAME} in ../shared/data and "
-                     "./.bench_data): meansim rows use simthreshd1=0.6, cdfthreshd=0.98")
+        notes.append(f"no parameter file at {path}: meansim rows use simthreshd1=0.6, "
+                     "cdfthreshd=0.98")
         params = None
         layers = [0]
     else:
@@ -142,19 +140,47 @@ def main() -> int:
         return params.layer_mask(layer)
 
     probe = layer_mask(layers[0]) or fs.masks.meansim(0.6, cdfthreshd=0.98)
-    # The predictor alone: eager and compiled.
+    # The predictor alone: Triton kernels (opt-in), PyTorch eager, compiled.
+    os.environ["FLEXSPARSE_MEANSIM_TRITON"] = "1"
     pred_ms = bench(lambda: probe.predict(q, k), reps)
-    rows.append(dict(row="predictor (eager)", ms=pred_ms, vs_dense=pred_ms / dense_ms))
+    rows.append(dict(row="predictor (Triton kernels)", ms=pred_ms, vs_dense=pred_ms / dense_ms))
+    fast_map = probe.predict(q, k)
+    from flexsparse.kernels import meansim_fast
+
+    meansim_fast.SORT_IN_TRITON = False
+    try:
+        ts_ms = bench(lambda: probe.predict(q, k), reps)
+        assert torch.equal(probe.predict(q, k), fast_map)
+    finally:
+        meansim_fast.SORT_IN_TRITON = True
+    rows.append(dict(row="predictor (Triton stats + select, torch.sort)", ms=ts_ms,
+                     vs_dense=ts_ms / dense_ms))
+    probe_plain = fs.masks.meansim(0.6, cdfthreshd=0.98)
+    plain_ms = bench(lambda: probe_plain.predict(q, k), reps)
+    rows.append(dict(row="predictor (Triton kernels, smooth_k=False)", ms=plain_ms,
+                     vs_dense=plain_ms / dense_ms))
+    os.environ["FLEXSPARSE_MEANSIM_TRITON"] = "0"
+    os.environ["FLEXSPARSE_COMPILE"] = "0"
+    try:
+        eager_ms = bench(lambda: probe.predict(q, k), reps)
+        torch_map = probe.predict(q, k)
+    finally:
+        del os.environ["FLEXSPARSE_COMPILE"], os.environ["FLEXSPARSE_MEANSIM_TRITON"]
+    rows.append(dict(row="predictor (PyTorch eager)", ms=eager_ms, vs_dense=eager_ms / dense_ms))
+    notes.append(f"Triton vs PyTorch-eager tile maps: {(fast_map != torch_map).sum().item()} of "
+                 f"{fast_map.numel()} tiles differ")
     try:
         compiled = torch.compile(probe.predict)
         compiled(q, k)
         cms = bench(lambda: compiled(q, k), reps)
-        rows.append(dict(row="predictor (torch.compile)", ms=cms, vs_dense=cms / dense_ms))
+        rows.append(dict(row="predictor (PyTorch, torch.compile)", ms=cms,
+                         vs_dense=cms / dense_ms))
     except Exception as exc:  # compile failures must not end the run
         notes.append(f"compiled predictor skipped: {type(exc).__name__}: {str(exc)[:80]}")
 
     # meansim + flex per layer, at native (128, 64) and at 128 x 128 tiles.
-    for label, block in (("128x64 native", None), ("128x128 converted", 128)):
+    for label, block in (() if args.predictor_only else
+                         (("128x64 native", None), ("128x128 converted", 128))):
         times, sparsities = [], []
         t0 = time.time()
         for layer in layers:
@@ -184,7 +210,7 @@ def main() -> int:
 
     # Accuracy check of one layer against dense (relative L1 of the output).
     mask = layer_mask(layers[0])
-    if mask is not None:
+    if mask is not None and not args.predictor_only:
         out = fs.attention(q, k, v, mask=mask, backend="flex").float()
         ref = sdpa().float()
         rel = ((out - ref).abs().sum() / ref.abs().sum()).item()

@@ -22,7 +22,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -30,6 +29,9 @@ import torch.distributed as dist
 import flexsparse as fs
 from flexsparse import distributed as sp
 from flexsparse.attention import BACKENDS
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import time_ms  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,26 +46,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _median_ms(fn, trials: int, reps: int, device) -> float:
-    """Median ms per call over ``trials`` of ``reps`` back-to-back calls: CUDA events on a
-    GPU, the wall clock on the CPU (dry runs)."""
-    samples = []
-    for _ in range(trials):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end) / reps)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            samples.append((time.perf_counter() - t0) * 1e3 / reps)
-    return statistics.median(samples)
+    """Median ms per call over ``trials`` of ``reps`` back-to-back calls (the one timer of
+    ``common``: CUDA events on a GPU, the wall clock on the CPU for dry runs)."""
+    def batch():
+        for _ in range(reps):
+            fn()
+
+    clock = "events" if device.type == "cuda" else "wall"
+    return time_ms(batch, warmup=0, reps=trials, clock=clock) / reps
 
 
 def _timer(fn, trials: int, reps: int, device) -> float:

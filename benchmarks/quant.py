@@ -1,13 +1,12 @@
-"""Quantized block-sparse attention (backend "quant") vs cuDNN SDPA and FlexAttention.
+"""Quantized attention (backend "quant") vs cuDNN SDPA, FlexAttention on the same BlockMask
+and the legacy kernel (``flexsparse.kernels._legacy``, the kernel of 2026-11-24).
 
-    python benchmarks/quant.py [--quick] [--sweep]
+    python benchmarks/quant.py --part dense    # TOPS at D=64 / 128, launch-config sweep
+    python benchmarks/quant.py --part sparse   # radial (block and token), meansim, accuracy
+    python benchmarks/quant.py --part partial  # partial-tile bits: old vs new, crossover
 
-CogVideoX-2b (B=2, H=30, N=17,776, D=64) and 5b (H=48) shapes, bf16: dense mode vs cuDNN
-SDPA and FlexAttention; the radial block mask (if ``masks.radial`` exists) and banded
-block masks of 50 / 25 / 12.5 % density vs FlexAttention bf16 on the same 128x128
-BlockMask; accuracy (relative L2, cosine) vs an fp32 reference on random and on smooth,
-video-like inputs. ``--sweep`` also times launch configurations of the kernel.
-Writes ``$OUT/quant.json`` (and ``quant.md``) when ``OUT`` is set.
+Effective TOPS = 4 * B * H * Nq * Nk * D * density / time. Writes ``$OUT/quant_<part>.json``
+and ``.md`` when ``OUT`` is set.
 """
 
 from __future__ import annotations
@@ -22,203 +21,329 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import device_name, header, save, table  # noqa: E402
+from common import cuda_ms, device_name, header, save, table  # noqa: E402
+from legacy_quant import legacy_quant_attention  # noqa: E402
 
 import flexsparse as fs  # noqa: E402
-from flexsparse.kernels import mask_tiles, quant_attention  # noqa: E402
-from flexsparse.kernels.quant import TILE_N  # noqa: E402
+from flexsparse import masks  # noqa: E402
+from flexsparse.kernels import quant_attention, tile_lists  # noqa: E402
 
-SHAPES = {"cogvideox-2b": (2, 30, 17776, 64), "cogvideox-5b": (2, 48, 17776, 64)}
-LAYOUT = dict(frames=13, tokens_per_frame=1350, text_tokens=226, text_position="start")
-
-
-def bench_ms(fn) -> float:
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median"))
-
-
-def banded(n: int, density: float) -> fs.Mask:
-    """Block-granular band |i - j| <= w tiles (128x128) with about ``density`` kept."""
-    nb = -(-n // TILE_N)
-    i = torch.arange(nb)
-    dist = (i[:, None] - i[None, :]).abs()
-    best = min(range(nb), key=lambda w: abs((dist <= w).float().mean().item() - density))
-    return fs.Mask.from_tiles(dist <= best, TILE_N, name=f"band{density:.3g}")
+DENSE = {"D64 (2b: 2x30x17776)": (2, 30, 17776, 64), "D128 (2x24x17776)": (2, 24, 17776, 128)}
+SWEEP = [(64, 4, 3), (64, 8, 3), (64, 8, 4), (64, 4, 4), (128, 4, 3), (128, 8, 3),
+         (128, 8, 2), (128, 4, 2)]
+RADIAL = {  # name: model, frames, height, width, decay, batch, heads, head_dim
+    "cogvideox-2b 49f": ("cogvideox", 49, 480, 720, 1.0, 2, 30, 64),
+    "wan 69f": ("wan", 69, 768, 1280, 0.2, 1, 12, 128),
+    "hunyuan 117f": ("hunyuan", 117, 768, 1280, 0.95, 1, 8, 128),
+}
 
 
-def structured(b, h, n, d, device, gen) -> torch.Tensor:
-    """Smooth, video-like tokens: low-frequency functions of (frame, y, x) plus noise,
-    with a per-channel offset (as real activations have)."""
-    t = torch.arange(n, device=device, dtype=torch.float32)
-    f, y, x = t // 1350, (t % 1350) // 45, t % 45
-    freq = torch.rand(3, d, generator=gen, device=device) * 0.3
-    phase = torch.rand(d, generator=gen, device=device) * 6.28
-    base = torch.sin(f[:, None] * freq[0] + y[:, None] * freq[1] + x[:, None] * freq[2] + phase)
-    heads = torch.randn(b, h, 1, d, generator=gen, device=device)
-    noise = 0.3 * torch.randn(b, h, n, d, generator=gen, device=device)
-    return (2.0 * base + heads + noise).to(torch.bfloat16)
+def ms_of(fn) -> float:
+    return cuda_ms(fn, warmup=3, reps=10)
 
 
-def accuracy(out, ref):
+def rel(out, ref) -> tuple[float, float]:
     o, r = out.double().flatten(), ref.double().flatten()
     return ((o - r).norm() / r.norm()).item(), torch.nn.functional.cosine_similarity(
-        o, r, dim=0
-    ).item()
+        o, r, dim=0).item()
 
 
-def fp32_reference(q, k, v, mask):
-    """fp32 SDPA with the materialised mask (math backend), zeros for empty rows."""
+def cudnn(q, k, v):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    dense = None if mask is None else mask.to_dense(q.shape[2], k.shape[2], device=q.device)
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def structured(b, h, n, d, gen, tpf=1350, row=45):
+    """Smooth, video-like tokens: low-frequency functions of (frame, y, x) plus noise and a
+    per-channel offset."""
+    dev = torch.device("cuda")
+    t = torch.arange(n, device=dev, dtype=torch.float32)
+    f, y, x = t // tpf, (t % tpf) // row, t % row
+    freq = torch.rand(3, d, generator=gen, device=dev) * 0.3
+    phase = torch.rand(d, generator=gen, device=dev) * 6.28
+    base = torch.sin(f[:, None] * freq[0] + y[:, None] * freq[1] + x[:, None] * freq[2] + phase)
+    off = torch.randn(b, h, 1, d, generator=gen, device=dev)
+    noise = 0.3 * torch.randn(b, h, n, d, generator=gen, device=dev)
+    return (2.0 * base + off + noise).to(torch.bfloat16)
+
+
+def fp32_ref(q, k, v, dense_mask):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     with sdpa_kernel(SDPBackend.MATH):
         out = torch.nn.functional.scaled_dot_product_attention(
-            q.float(), k.float(), v.float(), attn_mask=dense
-        )
-    if dense is not None:
-        out = torch.where(dense.any(-1, keepdim=True), out, 0.0)
+            q.float(), k.float(), v.float(), attn_mask=dense_mask)
+    if dense_mask is not None:
+        out = torch.where(dense_mask.any(-1, keepdim=True), out, 0.0)
     return out
 
 
-def speed_rows(sname, shape, quick, sweep, flex, gen, pvs) -> list[dict]:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    rows: list[dict] = []
-    b, h, n, d = shape
-    dev = torch.device("cuda")
-    q, k, v = (torch.randn(b, h, n, d, device=dev, generator=gen, dtype=torch.bfloat16)
-               for _ in range(3))
-    flops = 4.0 * b * h * n * n * d
-    sdpa = functools.partial(torch.nn.functional.scaled_dot_product_attention, q, k, v)
-    cudnn = None
-    try:
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            cudnn = bench_ms(sdpa)
-        rows.append(dict(table="speed", shape=sname, mask="dense", density=1.0,
-                         impl="sdpa-cudnn", ms=cudnn, tflops=flops / cudnn / 1e9))
-    except RuntimeError as exc:
-        print(f"cuDNN SDPA unavailable: {str(exc)[:200]}")
-    masks = {"dense": None}
-    if hasattr(fs.masks, "radial"):
-        try:
-            masks["radial"] = fs.masks.radial(fs.VideoLayout(**LAYOUT), 1.0, "cogvideox",
-                                              block_size=TILE_N)
-        except Exception as exc:  # noqa: BLE001 - report and go on
-            print(f"radial mask skipped: {exc}")
-    else:
-        print("radial mask skipped: flexsparse.masks.radial not present")
-    for dens in (0.25,) if quick else (0.5, 0.25, 0.125):
-        masks[f"band{dens * 100:g}%"] = banded(n, dens)
-    for mname, mask in masks.items():
-        bm = (mask or fs.masks.full()).block_mask(n, n, device=dev, block_size=TILE_N)
-        kw = {}
-        density = 1.0
-        if mask is not None:
-            _, kept, num, idx = mask_tiles(mask, n, n, dev)
-            kw = {"tile_list": (num, idx)}
-            density = float(kept.float().mean())
-        ms_flex = bench_ms(functools.partial(flex, q, k, v, block_mask=bm))
-        rows.append(dict(table="speed", shape=sname, mask=mname, density=density,
-                         impl="flex-bf16", ms=ms_flex, tflops=density * flops / ms_flex / 1e9))
+def dense_part(gen, pvs) -> list[dict]:
+    rows = []
+    for name, (b, h, n, d) in DENSE.items():
+        q, k, v = (torch.randn(b, h, n, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+                   for _ in range(3))
+        ops = 4.0 * b * h * n * n * d
+        base = ms_of(functools.partial(cudnn, q, k, v))
+        rows.append(dict(table="dense", shape=name, impl="cudnn bf16", ms=base,
+                         tops=ops / base / 1e9, vs_cudnn=1.0))
         for pv in pvs:
-            ms = bench_ms(functools.partial(quant_attention, q, k, v, pv_dtype=pv, **kw))
-            row = dict(table="speed", shape=sname, mask=mname, density=density,
-                       impl=f"quant-{pv}", ms=ms, tflops=density * flops / ms / 1e9,
-                       vs_flex=ms_flex / ms)
-            if mask is None and cudnn:
-                row["vs_cudnn"] = cudnn / ms
-            rows.append(row)
-    if sweep:
-        for pv in pvs:
-            for bn, nw, ns, fold in ((64, 4, 3, True), (64, 4, 4, True), (64, 8, 3, True),
-                                     (64, 8, 4, True), (128, 4, 2, True), (128, 4, 3, True),
-                                     (128, 8, 3, True), (64, 8, 3, False), (128, 4, 2, False)):
+            ms = ms_of(functools.partial(legacy_quant_attention, q, k, v, pv_dtype=pv))
+            rows.append(dict(table="dense", shape=name, impl=f"legacy {pv}", ms=ms,
+                             tops=ops / ms / 1e9, vs_cudnn=base / ms))
+            for bn, nw, ns in SWEEP:
                 fn = functools.partial(quant_attention, q, k, v, pv_dtype=pv, block_n=bn,
-                                       num_warps=nw, num_stages=ns, fold=fold)
+                                       num_warps=nw, num_stages=ns)
                 try:
-                    ms = bench_ms(fn)
+                    ms = ms_of(fn)
                 except Exception as exc:  # noqa: BLE001 - a config may not fit
-                    print(f"config {pv} {bn} {nw} {ns} {fold} failed: {str(exc)[:200]}")
+                    print(f"{name} {pv} bn{bn} w{nw} s{ns}: {str(exc)[:160]}")
                     continue
-                rows.append(dict(table="sweep", shape=sname, impl=f"quant-{pv}",
-                                 config=f"bn{bn} w{nw} s{ns} fold={fold}", ms=ms,
-                                 tflops=flops / ms / 1e9))
+                rows.append(dict(table="dense", shape=name, impl=f"new {pv} bn{bn} w{nw} s{ns}",
+                                 ms=ms, tops=ops / ms / 1e9, vs_cudnn=base / ms))
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
+def sparse_part(gen, pvs, flex) -> list[dict]:
+    rows = []
+    for name, (model, f, hgt, wid, decay, b, h, d) in RADIAL.items():
+        lay = fs.VideoLayout.from_video(f, hgt, wid, model)
+        n = lay.frames * lay.tokens_per_frame + lay.text_tokens
+        q, k, v = (torch.randn(b, h, n, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+                   for _ in range(3))
+        ops = 4.0 * b * h * n * n * d
+        base = ms_of(functools.partial(cudnn, q, k, v))
+        rows.append(dict(table="radial", case=name, impl="cudnn bf16 dense", ms=base,
+                         density=1.0, tops=ops / base / 1e9, vs_cudnn=1.0))
+        for gran in ("block", "token"):
+            mask = masks.radial(lay, decay, model, granularity=gran)
+            dens = mask.density(n)
+            bm128 = mask.block_mask(n, n, device="cuda", block_size=128)
+            if gran == "block":
+                ms = ms_of(functools.partial(flex, q, k, v, block_mask=bm128))
+                rows.append(dict(table="radial", case=name, impl="flex bf16 block", ms=ms,
+                                 density=dens, tops=dens * ops / ms / 1e9, vs_cudnn=base / ms))
+                lists = tile_lists(bm128)
+                if lists.n_partial == 0:  # the legacy kernel takes whole tiles only
+                    fn = functools.partial(legacy_quant_attention, q, k, v,
+                                           tile_list=(lists.full_num, lists.full_idx))
+                    ms = ms_of(fn)
+                    rows.append(dict(table="radial", case=name, impl="legacy fp16 block",
+                                     ms=ms, density=dens, tops=dens * ops / ms / 1e9,
+                                     vs_cudnn=base / ms))
+            for tile in ((128, 128), (128, 64)):
+                bm = mask.block_mask(n, n, device="cuda", block_size=tile)
+                lists = tile_lists(bm)
+                bits_mib = lists.bits.numel() * 4 / 2**20
+                for pv in pvs:
+                    fn = functools.partial(quant_attention, q, k, v, block_mask=bm, pv_dtype=pv)
+                    ms = ms_of(fn)
+                    rows.append(dict(table="radial", case=name,
+                                     impl=f"new {pv} {gran} {tile[0]}x{tile[1]}", ms=ms,
+                                     density=dens, tops=dens * ops / ms / 1e9,
+                                     vs_cudnn=base / ms, partial=lists.n_partial,
+                                     bits_mib=round(bits_mib, 2)))
+        del q, k, v
+        torch.cuda.empty_cache()
+
+    # accuracy: random and structured, dense / radial-token on a slice of heads (fp32 ref)
+    lay = fs.VideoLayout.from_video(49, 480, 720, "cogvideox")
+    n = 17776
+    rad = masks.radial(lay, 1.0, "cogvideox", granularity="token")
+    dense_rad = rad.to_dense(n, n, device="cuda")
+    bm = rad.block_mask(n, n, device="cuda", block_size=(128, 64))
+    for kind in ("random", "structured"):
+        for d in (64, 128):
+            if kind == "random":
+                q, k, v = (torch.randn(1, 2, n, d, device="cuda", generator=gen,
+                                       dtype=torch.bfloat16) for _ in range(3))
+            else:
+                q, k, v = (structured(1, 2, n, d, gen) for _ in range(3))
+            for mname, dm, kw in (("dense", None, {}), ("radial-token", dense_rad,
+                                                       {"block_mask": bm})):
+                ref = fp32_ref(q, k, v, dm)
+                for pv in pvs:
+                    err, cos = rel(quant_attention(q, k, v, pv_dtype=pv, **kw), ref)
+                    rows.append(dict(table="accuracy", case=f"{kind} D{d} {mname}",
+                                     impl=f"new {pv}", rel_l2=err, cosine=cos,
+                                     ok=err <= 3e-2 and cos >= 0.999))
+            del q, k, v
+    return rows
+
+
+def meansim_part(gen, pvs) -> list[dict]:
+    """meansim on CogVideoX-2b shapes with structured q/k: predictor + kernel vs cuDNN."""
+    rows = []
+    b, h, n, d = 2, 30, 17776, 64
+    q, k, v = (structured(b, h, n, d, gen) for _ in range(3))
+    base = ms_of(functools.partial(cudnn, q, k, v))
+    ref = None
+    for sim, cdf in ((0.6, 0.98), (0.3, 0.9), (0.1, 0.8)):
+        dyn = masks.meansim(simthreshd1=sim, cdfthreshd=cdf, block_q=128, block_kv=64)
+        pred = ms_of(functools.partial(dyn.predict, q, k))
+        bound = dyn.bind(q, k)
+        kept = dyn.predict(q, k)
+        skipped = 1.0 - kept.float().mean().item()
+        bm = bound.block_mask(n, n, device="cuda", heads=h, batch=b, block_size=(128, 64))
+        if ref is None:
+            ref = cudnn(q, k, v).float()
+        for pv in pvs:
+            fn = functools.partial(quant_attention, q, k, v, block_mask=bm, pv_dtype=pv)
+            out = fn()
+            ms = ms_of(fn)
+
+            def both(dyn=dyn, pv=pv):
+                bm = dyn.bind(q, k).block_mask(n, n, device="cuda", heads=h, batch=b,
+                                               block_size=(128, 64))
+                return quant_attention(q, k, v, block_mask=bm, pv_dtype=pv)
+
+            ms_all = ms_of(both)
+            l1 = ((out.float() - ref).abs().sum() / ref.abs().sum()).item()
+            rows.append(dict(table="meansim", case=f"sim{sim} cdf{cdf}", impl=f"new {pv}",
+                             skipped=skipped, predict_ms=pred, kernel_ms=ms,
+                             total_ms=ms_all, cudnn_ms=base, pred_pct=100 * pred / base,
+                             vs_cudnn=base / ms_all, rel_l1=l1))
+    return rows
+
+
+def partial_part(gen, flex) -> list[dict]:
+    """Partial tiles: per-element word loads (``BITS_GATHER=True``, the first version) vs
+    each row's words loaded once, against the block map (no partial tiles), FlexAttention
+    on the same token BlockMask and cuDNN dense; then a sliding-window sweep on the 2b shape
+    for the crossover (density / partial fraction) where quant beats flex and cuDNN."""
+    from flexsparse.kernels import quant as Q
+
+    rows = []
+
+    def quant(q, k, v, bm, gather):
+        Q.BITS_GATHER = gather
+        try:
+            return ms_of(functools.partial(quant_attention, q, k, v, block_mask=bm))
+        finally:
+            Q.BITS_GATHER = False
+
+    def kept_tiles(bm) -> tuple[float, float]:
+        lists = tile_lists(bm)
+        part = lists.part_num.sum().item()
+        full = lists.full_num.sum().item()
+        total = lists.full_num.shape[-1] * -(-bm.seq_lengths[1] // bm.BLOCK_SIZE[1])
+        return (part + full) / total, part / max(1, part + full)
+
+    cases = [(name, RADIAL[name]) for name in ("cogvideox-2b 49f", "wan 69f")]
+    for name, (model, f, hgt, wid, decay, b, h, d) in cases:
+        lay = fs.VideoLayout.from_video(f, hgt, wid, model)
+        n = lay.frames * lay.tokens_per_frame + lay.text_tokens
+        q, k, v = (torch.randn(b, h, n, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+                   for _ in range(3))
+        base = ms_of(functools.partial(cudnn, q, k, v))
+        rows.append(dict(table="partial", case=name, impl="cudnn bf16 dense", ms=base,
+                         vs_cudnn=1.0))
+        for gran in ("block", "token"):
+            mask = masks.radial(lay, decay, model, granularity=gran)
+            for tile in ((128, 128), (128, 64)):
+                bm = mask.block_mask(n, n, device="cuda", block_size=tile)
+                tiles, pfrac = kept_tiles(bm)
+                common = dict(table="partial", case=name, density=mask.density(n),
+                              tiles_kept=tiles, partial_frac=pfrac)
+                if tile == (128, 128):
+                    ms = ms_of(functools.partial(flex, q, k, v, block_mask=bm))
+                    rows.append(dict(common, impl=f"flex {gran} 128x128", ms=ms,
+                                     vs_cudnn=base / ms))
+                variants = (False, True) if gran == "token" else (False,)
+                for gather in variants:
+                    ms = quant(q, k, v, bm, gather)
+                    how = " word/elem" if gather else (" row words" if gran == "token" else "")
+                    rows.append(dict(common, impl=f"quant {gran} {tile[0]}x{tile[1]}{how}",
+                                     ms=ms, vs_cudnn=base / ms))
+        del q, k, v
+        torch.cuda.empty_cache()
+
+    # crossover sweep: symmetric sliding windows (token rule, partial tiles on the band edge)
+    b, h, n, d = 2, 30, 17776, 64
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+               for _ in range(3))
+    base = ms_of(functools.partial(cudnn, q, k, v))
+    # each window is a new mask_mod closure: one flex compile each
+    torch._dynamo.config.recompile_limit = 64
+    for w in (1500, 4000, 8000):
+        mask = masks.sliding_window(w)
+        for tile in ((128, 128), (128, 64)):
+            bm = mask.block_mask(n, n, device="cuda", block_size=tile)
+            tiles, pfrac = kept_tiles(bm)
+            ms_q = quant(q, k, v, bm, False)
+            ms_f = ms_of(functools.partial(flex, q, k, v, block_mask=bm)) if tile == (
+                128, 128) else float("nan")
+            rows.append(dict(table="crossover", case=f"window {w} {tile[0]}x{tile[1]}",
+                             density=mask.density(n), tiles_kept=tiles, partial_frac=pfrac,
+                             quant_ms=ms_q, flex_ms=ms_f, cudnn_ms=base,
+                             quant_vs_cudnn=base / ms_q, quant_vs_flex=ms_f / ms_q))
+    # accuracy of the new partial path: token radial on a slice of heads, fp32 reference
+    lay = fs.VideoLayout.from_video(49, 480, 720, "cogvideox")
+    rad = masks.radial(lay, 1.0, "cogvideox", granularity="token")
+    dense_rad = rad.to_dense(n, n, device="cuda")
+    for kind in ("random", "structured"):
+        for tile in ((128, 128), (128, 64)):
+            bm = rad.block_mask(n, n, device="cuda", block_size=tile)
+            if kind == "random":
+                q, k, v = (torch.randn(1, 2, n, 64, device="cuda", generator=gen,
+                                       dtype=torch.bfloat16) for _ in range(3))
+            else:
+                q, k, v = (structured(1, 2, n, 64, gen) for _ in range(3))
+            err, cos = rel(quant_attention(q, k, v, block_mask=bm), fp32_ref(q, k, v, dense_rad))
+            rows.append(dict(table="accuracy", case=f"{kind} D64 radial-token {tile}",
+                             impl="quant fp16 row words", rel_l2=err, cosine=cos,
+                             ok=err <= 3e-2 and cos >= 0.999))
     return rows
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="2b shape only, fewer masks")
-    ap.add_argument("--sweep", action="store_true", help="also time launch configurations")
+    ap.add_argument("--part", choices=["dense", "sparse", "meansim", "partial"],
+                    default="dense")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs CUDA")
         return 1
-    from torch.nn.attention.flex_attention import flex_attention
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    pvs = ["fp16"] + (["fp8"] if torch.cuda.get_device_capability() >= (8, 9) else [])
+    if args.part == "dense":
+        rows = dense_part(gen, pvs)
+        cols = ["shape", "impl", "ms", "tops", "vs_cudnn"]
+    elif args.part == "sparse":
+        from torch.nn.attention.flex_attention import flex_attention
 
-    dev = torch.device("cuda")
-    fp8_ok = torch.cuda.get_device_capability() >= (8, 9)
-    pvs = ["fp16"] + (["fp8"] if fp8_ok else [])
-    flex = torch.compile(flex_attention, dynamic=False)
-    gen = torch.Generator(device=dev).manual_seed(0)
-    rows: list[dict] = []
-    shapes = dict(list(SHAPES.items())[:1]) if args.quick else SHAPES
+        rows = sparse_part(gen, pvs, torch.compile(flex_attention, dynamic=False))
+        cols = None
+    elif args.part == "partial":
+        from torch.nn.attention.flex_attention import flex_attention
 
-    # -- accuracy (a 2-head slice of the full length keeps the fp32 reference cheap) --------
-    b, h, n, d = 1, 2, 17776, 64
-    acc_masks = {"dense": None, "band25": banded(n, 0.25)}
-    for kind in ("random", "structured"):
-        if kind == "random":
-            q, k, v = (torch.randn(b, h, n, d, device=dev, generator=gen,
-                                   dtype=torch.bfloat16) for _ in range(3))
-        else:
-            q, k, v = (structured(b, h, n, d, dev, gen) for _ in range(3))
-        for mname, mask in acc_masks.items():
-            ref = fp32_reference(q, k, v, mask)
-            kw = {} if mask is None else {"tile_list": mask_tiles(mask, n, n, dev)[2:]}
-            for pv in pvs:
-                err, cos = accuracy(quant_attention(q, k, v, pv_dtype=pv, **kw), ref)
-                ok = err <= 3e-2 and cos >= 0.999
-                rows.append(dict(table="accuracy", case=f"{kind}/{mname}", impl=f"quant-{pv}",
-                                 rel_l2=err, cosine=cos, ok=ok))
-            bm = (mask or fs.masks.full()).block_mask(n, n, device=dev, block_size=TILE_N)
-            err, cos = accuracy(flex(q, k, v, block_mask=bm), ref)
-            rows.append(dict(table="accuracy", case=f"{kind}/{mname}", impl="flex-bf16",
-                             rel_l2=err, cosine=cos, ok=err <= 3e-2 and cos >= 0.999))
-
-    # -- pvthreshd on smooth inputs (2b shape): time saved and error added --------------------
-    b, h, n, d = SHAPES["cogvideox-2b"]
-    q, k, v = (structured(b, h, n, d, dev, gen) for _ in range(3))
-    base = quant_attention(q, k, v)
-    ms0 = bench_ms(functools.partial(quant_attention, q, k, v))
-    for thr, branch in ((6.0, False), (6.0, True), (10.0, True)):
-        fn = functools.partial(quant_attention, q, k, v, pvthreshd=thr, pvt_branch=branch)
-        out = fn()
-        ms = bench_ms(fn)
-        rows.append(dict(table="pvthreshd", case=f"structured/dense thr={thr:g}",
-                         impl=f"quant-fp16 {'branch' if branch else 'zero-P'}", ms=ms,
-                         vs_off=ms0 / ms, rel_l2_vs_off=accuracy(out, base)[0]))
-    del q, k, v, base
-
-    # -- speed ------------------------------------------------------------------------------
-    for sname, shape in shapes.items():
-        rows += speed_rows(sname, shape, args.quick, args.sweep, flex, gen, pvs)
-        args.sweep = False  # one shape is enough for the sweep
-        torch.cuda.empty_cache()
-
-    text = header("Quantized attention (backend quant)") + "\n"
-    for name, cols in (
+        rows = partial_part(gen, torch.compile(flex_attention, dynamic=False))
+        cols = None
+    else:
+        rows = meansim_part(gen, pvs)
+        cols = None
+    text = header(f"Quantized attention, part {args.part}") + "\n"
+    for name, c in (
+        ("dense", cols),
+        ("radial", ["case", "impl", "density", "ms", "tops", "vs_cudnn", "partial",
+                    "bits_mib"]),
+        ("partial", ["case", "impl", "density", "tiles_kept", "partial_frac", "ms",
+                     "vs_cudnn"]),
+        ("crossover", ["case", "density", "tiles_kept", "partial_frac", "quant_ms", "flex_ms",
+                       "cudnn_ms", "quant_vs_cudnn", "quant_vs_flex"]),
         ("accuracy", ["case", "impl", "rel_l2", "cosine", "ok"]),
-        ("speed", ["shape", "mask", "density", "impl", "ms", "tflops", "vs_flex", "vs_cudnn"]),
-        ("sweep", ["shape", "impl", "config", "ms", "tflops"]),
-        ("pvthreshd", ["case", "impl", "ms", "vs_off", "rel_l2_vs_off"]),
+        ("meansim", ["case", "impl", "skipped", "predict_ms", "pred_pct", "kernel_ms",
+                     "total_ms", "cudnn_ms", "vs_cudnn", "rel_l1"]),
     ):
         sel = [r for r in rows if r["table"] == name]
         if sel:
-            text += f"\n{name}\n\n" + table(sel, cols) + "\n"
+            text += f"\n{name}\n\n" + table(sel, c) + "\n"
     print(text)
-    save("quant", rows, text)
+    save(f"quant_{args.part}", rows, text)
     print(f"device: {device_name()}; rows: {len(rows)}")
     return 0
 

@@ -25,6 +25,20 @@ def check_int(name: str, value: Any, *, minimum: int | None = 0) -> int:
     return int(value)
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` if it is a bool (numpy's included), else raise naming ``name``."""
+    try:
+        import numpy as np
+
+        if isinstance(value, np.bool_):
+            value = bool(value)
+    except ImportError:  # numpy is optional for this check
+        pass
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return value
+
+
 def check_float(
     name: str, value: Any, *, low: float | None = None, high: float | None = None
 ) -> float:

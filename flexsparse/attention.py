@@ -1,15 +1,19 @@
-"""``attention(q, k, v, mask)``: one entry point, several backends.
+"""``attention(q, k, v, mask)``: one entry point, one way down to a kernel.
 
-Backends
---------
-- ``"flex"``: FlexAttention with the mask's ``BlockMask`` (compiled on CUDA, the compiled
-  callable cached; eager on the CPU unless ``compile=True``).
-- ``"sdpa"``: ``scaled_dot_product_attention`` with the materialised mask rows (the
-  reference; cuDNN / flash without a mask when the mask is full or plainly causal).
-- ``"quant"``: the quantized block-sparse kernel of ``flexsparse.kernels`` (CUDA).
-- ``"auto"``: the fastest correct one for the call; ``explain(...)`` says which and why.
+A call is validated once into an ``AttentionCall`` (``flexsparse.call``); a
+``DynamicMask`` is predicted from ``q, k`` on the way. Backends are objects in one static
+priority list, ``PRIORITY``:
 
-Fully masked query rows return zeros, never NaN, on every backend.
+- ``"sdpa"``: ``scaled_dot_product_attention``: cuDNN / flash without a mask when the mask
+  keeps everything or is plainly causal, else the mask's rows materialised in chunks of
+  bounded memory (``flexsparse.backends``).
+- ``"quant"``: ``flexsparse.kernels.quant.QuantBackend``, the quantized block-sparse
+  kernel (CUDA), imported on first use.
+- ``"flex"``: FlexAttention with the mask's ``BlockMask`` (compiled on CUDA, eager on the
+  CPU unless ``compile=True``).
+
+``backend="auto"`` runs the first backend with nothing against it; ``explain(...)`` gives
+the choice and every backend's reasons. Fully masked query rows return zeros, never NaN.
 """
 
 from __future__ import annotations
@@ -17,58 +21,113 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.nn.attention.flex_attention import flex_attention
 
-from ._checks import check_choice
-from .mask import DynamicMask, Mask
+from . import backends as _b
+from ._checks import block_pair, check_choice, check_float
+from .backends import DECODE_ROWS, FlexBackend, SdpaBackend
+from .call import AttentionCall
+from .mask import DynamicMask, Mask, _ComposedDynamic
 
 log = logging.getLogger("flexsparse")
 
 BACKENDS = ("auto", "flex", "sdpa", "quant")
-#: Up to this many query rows the mask rows are materialised for SDPA (decode steps).
-DECODE_ROWS = 64
-#: On the CPU, masks up to this many elements are materialised for SDPA.
-CPU_DENSE_LIMIT = 1 << 26
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+#: Kept fraction of a *predicted* tile map at or above which the dense kernel (cuDNN /
+#: flash SDPA, no mask) is at least as fast as the backend that would run the sparse map,
+#: so ``auto`` drops the prediction. A predicted map only approximates dense attention, so
+#: the dense kernel is also the more accurate answer there; a static map is never dropped
+#: (its empty tiles are part of its meaning) except when it keeps every tile.
+#:
+#: Measured with ``benchmarks/attention.py`` (crossover table; H200, torch 2.11,
+#: 2026-11-25; random 128 x 64 tile maps, B=2, H=30, N=17,776, D=64, bf16; cuDNN dense
+#: 11.1 ms), speed relative to cuDNN (cuDNN ms / ms) at kept fractions 0.75 / 0.9 / 1.0:
+#:
+#: - ``flex``: 1.09x / 0.92x / 0.83x: break-even near 0.83 kept.
+#: - ``quant``: 1.23x / 1.03x / 0.85x: break-even near 0.92 kept.
+#: - ``sdpa`` (CPU, materialised rows): on the CPU the map's meaning is kept rather than
+#:   traded for speed: dropped only when it keeps every tile.
+#:
+#: The thresholds sit just below the break-even points, since dropping a prediction is
+#: also the more accurate answer. The predictor's own time (0.9-1.1 ms here, 8-10 % of
+#: cuDNN) is spent before this decision; it counts in the benchmark's comparisons.
+DENSE_CROSSOVER = {"flex": 0.8, "quant": 0.9, "sdpa": 1.0}
 
 
 @dataclass(frozen=True)
 class Choice:
-    """Which backend ``attention`` runs for a call, and why."""
+    """Which backend ``attention`` runs for a call, why, and why not the others.
+
+    Attributes:
+        backend: the backend's name.
+        reason: why it runs the call.
+        sdpa_mode: ``"none" | "causal" | "mask"``: how SDPA would run the call.
+        reasons: ``(name, reasons)`` for every backend in priority order; empty reasons for
+            the one picked (and for those after it that could have run the call).
+        notes: what lowering decided (e.g. a predicted map dropped for the dense kernel).
+    """
 
     backend: str
     reason: str
-    sdpa_mode: str = "mask"  # "mask" | "none" | "causal"
+    sdpa_mode: str = "mask"
+    reasons: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    notes: tuple[str, ...] = ()
 
     def __str__(self) -> str:
-        return f"{self.backend}: {self.reason}"
+        lines = [f"{self.backend}: {self.reason}"]
+        lines += [f"  note: {note}" for note in self.notes]
+        for name, why in self.reasons:
+            if name != self.backend and why:
+                lines.append(f"  {name}: not picked: {'; '.join(why)}")
+        return "\n".join(lines)
 
 
-#: Extra backends registered by optional modules: name -> (supports(q, k, mask) -> str|None,
-#: run(q, k, v, mask, scale, enable_gqa) -> Tensor). ``supports`` returns None when it can
-#: run the call, else the reason it cannot.
-_EXTRA: dict[str, tuple[Callable, Callable]] = {}
+class _QuantBackend:
+    """``flexsparse.kernels.quant.QuantBackend``, imported on first use so that
+    ``import flexsparse`` stays light and ``kernels`` never imports this module back."""
 
+    name = "quant"
 
-def register_backend(name: str, supports: Callable, run: Callable) -> None:
-    """Register a backend (used by ``flexsparse.kernels`` for ``"quant"``)."""
-    _EXTRA[name] = (supports, run)
-
-
-def _load_extra(name: str) -> None:
-    if name == "quant" and name not in _EXTRA:
+    @functools.cached_property
+    def _impl(self):
         try:
-            from . import kernels  # noqa: F401  (registers "quant")
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            log.debug("quant backend unavailable: %s", exc)
+            from .kernels.quant import QuantBackend
+        except ImportError as exc:  # depends on the install
+            return f"flexsparse.kernels did not load: {exc}"
+        return QuantBackend()
+
+    def not_supported_reasons(self, call: AttentionCall) -> list[str]:
+        impl = self._impl
+        return [impl] if isinstance(impl, str) else list(impl.not_supported_reasons(call))
+
+    def auto_reasons(self, call: AttentionCall) -> list[str]:
+        return list(getattr(self._impl, "auto_reasons", lambda c: [])(call))
+
+    def describe(self, call: AttentionCall) -> str:
+        describe = getattr(self._impl, "describe", None)
+        if describe is not None:
+            return describe(call)
+        return "quantized block-sparse kernel: a mask it supports, on CUDA"
+
+    def run(self, call: AttentionCall) -> Tensor:
+        return self._impl.run(call)
 
 
-def _validate(q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool | None) -> bool:
+SDPA, QUANT, FLEX = SdpaBackend(), _QuantBackend(), FlexBackend()
+#: The order ``auto`` tries backends in; the first with no reason against it runs.
+PRIORITY = (SDPA, QUANT, FLEX)
+_BY_NAME = {b.name: b for b in PRIORITY}
+
+
+# -- validation (once per call) ---------------------------------------------------------------
+
+
+def _check_tensors(q: Tensor, k: Tensor, v: Tensor, enable_gqa) -> bool:
+    """Validate ``q, k, v`` (and ``enable_gqa``); returns whether the call is GQA."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -76,6 +135,9 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool | None) -> bool:
             raise ValueError(f"{name} must be [B, H, N, D], got shape {tuple(t.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in FLOAT_DTYPES:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
+        raise TypeError(f"q, k, v must be floating point ({allowed}), got {q.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if not (q.shape[0] == k.shape[0] == v.shape[0]):
@@ -88,6 +150,11 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool | None) -> bool:
         raise ValueError(f"k and v must have the same length, got {k.shape[2]} and {v.shape[2]}")
     if q.shape[3] != k.shape[3]:
         raise ValueError(f"head_dim of q ({q.shape[3]}) and k ({k.shape[3]}) must match")
+    if enable_gqa is not None and not isinstance(enable_gqa, bool):
+        raise TypeError(
+            f"enable_gqa must be True, False or None, got {enable_gqa!r} "
+            f"({type(enable_gqa).__name__})"
+        )
     hq, hkv = q.shape[1], k.shape[1]
     gqa = hq != hkv
     if gqa and (enable_gqa is False or hq % hkv):
@@ -98,15 +165,35 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool | None) -> bool:
     return gqa
 
 
-def _resolve_mask(mask, q: Tensor, k: Tensor) -> Mask | None:
+def _check_scale(scale, head_dim: int) -> float:
+    """The softmax scale: ``head_dim ** -0.5`` for None, else a finite number > 0."""
+    if scale is None:
+        return head_dim**-0.5
+    value = check_float("scale", scale)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"scale must be a finite number > 0 (or None), got {scale!r}")
+    return value
+
+
+def _check_options(block_size, compile) -> tuple[int, int] | None:
+    if compile is not None and not isinstance(compile, bool):
+        raise TypeError(
+            f"compile must be True, False or None, got {compile!r} ({type(compile).__name__})"
+        )
+    return None if block_size is None else block_pair("block_size", block_size)
+
+
+def _check_mask(mask, q: Tensor, k: Tensor) -> Mask | None:
+    """A static ``Mask`` (a ``DynamicMask`` bound to ``q, k``) checked against the call."""
     if mask is None:
         return None
     if isinstance(mask, DynamicMask):
         mask = mask.bind(q, k)
     if not isinstance(mask, Mask):
-        raise TypeError(f"mask must be a flexsparse Mask or None, got {type(mask).__name__}")
-    q_len, kv_len = q.shape[2], k.shape[2]
-    mask.check_lengths(q_len, kv_len)
+        raise TypeError(
+            f"mask must be a flexsparse Mask, DynamicMask or None, got {type(mask).__name__}"
+        )
+    mask.check_lengths(q.shape[2], k.shape[2])
     if mask.heads is not None and mask.heads != q.shape[1]:
         raise ValueError(f"mask {mask.name!r} has {mask.heads} heads but q has {q.shape[1]}")
     if mask.batch is not None and mask.batch != q.shape[0]:
@@ -114,49 +201,133 @@ def _resolve_mask(mask, q: Tensor, k: Tensor) -> Mask | None:
     return mask
 
 
-def _choose(q: Tensor, k: Tensor, mask: Mask | None, backend: str) -> Choice:
-    q_len, kv_len = q.shape[2], k.shape[2]
-    hint = None if mask is None else mask.sdpa_hint
-    if backend == "sdpa":
-        if mask is None or hint == "full":
-            return Choice("sdpa", "requested; mask keeps everything", "none")
-        if hint == "causal" and q_len == kv_len:
-            return Choice("sdpa", "requested; plainly causal", "causal")
-        return Choice("sdpa", "requested; materialised mask")
-    if backend == "flex":
-        return Choice("flex", "requested")
-    if backend == "quant":
-        _load_extra("quant")
-        if "quant" not in _EXTRA:
-            raise ValueError("backend='quant' is not available: flexsparse.kernels did not load")
-        why_not = _EXTRA["quant"][0](q, k, mask)
-        if why_not:
-            raise ValueError(f"backend='quant' cannot run this call: {why_not}")
-        return Choice("quant", "requested")
-    # auto
-    if mask is None or hint == "full":
-        return Choice("sdpa", "mask keeps everything: SDPA's dense kernel is fastest", "none")
-    if hint == "causal" and q_len == kv_len:
-        return Choice("sdpa", "plainly causal: SDPA's causal kernel", "causal")
-    if q_len <= DECODE_ROWS and q_len < kv_len:
-        return Choice("sdpa", f"{q_len} query rows: materialising them is cheaper than a BlockMask")
-    if q.device.type != "cuda":
-        if q_len * kv_len <= CPU_DENSE_LIMIT:
-            return Choice("sdpa", "CPU, small mask: materialised mask")
-        return Choice("flex", "CPU, large mask: FlexAttention")
-    _load_extra("quant")
-    if "quant" in _EXTRA and _EXTRA["quant"][0](q, k, mask) is None:
-        return Choice("quant", "CUDA, block-granular mask the quantized kernel supports")
-    return Choice("flex", "CUDA: FlexAttention with the BlockMask")
+# -- choosing a backend ---------------------------------------------------------------------
+
+
+def _reasons(backend, call: AttentionCall) -> list[str]:
+    """Everything against ``backend`` for ``auto``: what it cannot run, then why another
+    backend is preferred."""
+    why = list(backend.not_supported_reasons(call))
+    if not why:
+        why += list(getattr(backend, "auto_reasons", lambda c: [])(call))
+    return why
+
+
+def _describe(backend, call: AttentionCall) -> str:
+    describe = getattr(backend, "describe", None)
+    return describe(call) if describe is not None else "first in priority order"
+
+
+def _walk(call: AttentionCall, every: bool = False) -> tuple[object, Choice]:
+    """The first backend of ``PRIORITY`` with no reason against it. Backends after it are
+    asked only when ``every`` (``explain``): a decode step should not pay for them."""
+    reasons, picked = [], None
+    for backend in PRIORITY:
+        why = () if picked is not None and not every else tuple(_reasons(backend, call))
+        reasons.append((backend.name, why))
+        if picked is None and not why:
+            picked = backend
+    if picked is None:
+        # Every backend prefers another (e.g. FLEXSPARSE_COMPILE=0 on CUDA): run the first
+        # that can run the call at all.
+        picked = next(b for b in PRIORITY if not b.not_supported_reasons(call))
+    reason = _describe(picked, call)
+    return picked, Choice(picked.name, reason, _b.sdpa_mode(call), tuple(reasons), call.notes)
+
+
+def _requested(name: str, call: AttentionCall) -> tuple[object, Choice]:
+    backend = _BY_NAME[name]
+    why = backend.not_supported_reasons(call)
+    if why:
+        raise ValueError(f"backend={name!r} cannot run this call: {'; '.join(why)}")
+    reason = f"requested; {_describe(backend, call)}"
+    return backend, Choice(name, reason, _b.sdpa_mode(call), ((name, ()),), call.notes)
+
+
+def _split_dynamic(mask: DynamicMask) -> tuple[DynamicMask | None, Mask | None]:
+    """``(predictor, static rest)`` of ``predictor`` or ``predictor & static``; ``(None,
+    None)`` for compositions whose prediction cannot be dropped on its own.
+
+    Only a predictor that declares ``approximates_dense = True`` (meansim: its map stands
+    in for dense attention) is ever dropped; any other ``DynamicMask`` is part of the
+    pattern's meaning and always applied."""
+    if not isinstance(mask, _ComposedDynamic):
+        return mask, None
+    if mask.op == "&" and isinstance(mask.other, Mask) and not isinstance(
+        mask.dyn, _ComposedDynamic
+    ):
+        return mask.dyn, mask.other
+    return None, None
+
+
+def _without_prediction(dyn: DynamicMask, rest: Mask | None) -> Mask | None:
+    """What a prediction approximates: dense attention (causal for a causal predictor),
+    composed with the static rest."""
+    from .masks.basic import causal
+
+    base = causal() if getattr(dyn, "causal", False) else None
+    if base is None or rest is None:
+        return rest if base is None else base
+    return rest & base
+
+
+def _kept_fraction(mask: Mask, q_len: int, kv_len: int, device) -> float:
+    size = mask.native_block_size or _b.DEFAULT_BLOCK
+    states = mask.tile_states(q_len, kv_len, size, device=device)
+    return float((states != 0).float().mean())
+
+
+def _prepare(q, k, v, mask, scale, backend, enable_gqa, block_size, compile, every=False):
+    """Validate once and choose: ``(backend object, Choice, AttentionCall)``."""
+    check_choice("backend", backend, BACKENDS)
+    gqa = _check_tensors(q, k, v, enable_gqa)
+    scale = _check_scale(scale, q.shape[3])
+    block = _check_options(block_size, compile)
+
+    def make(m, notes=()):
+        return AttentionCall(q, k, v, _check_mask(m, q, k), scale, gqa, block, compile, notes)
+
+    if backend != "auto":
+        call = make(mask)
+        return (*_requested(backend, call), call)
+    dyn, rest = _split_dynamic(mask) if isinstance(mask, DynamicMask) else (None, None)
+    if dyn is None or not getattr(dyn, "approximates_dense", False):
+        call = make(mask)
+        return (*_walk(call, every), call)
+    # Data-dependent map: decide after prediction whether skipping its tiles pays.
+    bound = _check_mask(dyn, q, k)
+    call = make(bound if rest is None else bound & rest)
+    chosen, choice = _walk(call, every)
+    kept = _kept_fraction(bound, call.q_len, call.kv_len, call.device)
+    limit = DENSE_CROSSOVER.get(chosen.name, 1.0)
+    if kept < limit:
+        return chosen, choice, call
+    note = (
+        f"the predicted map keeps {kept:.1%} of its tiles (>= {limit:.0%}, {chosen.name}'s "
+        "crossover against the dense kernel): prediction dropped"
+    )
+    call = make(_without_prediction(dyn, rest), (note,))
+    return (*_walk(call, every), call)
 
 
 def explain(
-    q: Tensor, k: Tensor, v: Tensor, mask=None, *, backend: str = "auto", enable_gqa=None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Mask | DynamicMask | None = None,
+    *,
+    backend: str = "auto",
+    scale: float | None = None,
+    enable_gqa: bool | None = None,
+    block_size: int | tuple[int, int] | None = None,
+    compile: bool | None = None,
 ) -> Choice:
-    """The backend ``attention`` would run for these arguments, with the reason."""
-    check_choice("backend", backend, BACKENDS)
-    _validate(q, k, v, enable_gqa)
-    return _choose(q, k, _resolve_mask(mask, q, k), backend)
+    """The backend ``attention`` would run for these arguments, why, and every backend's
+    reasons against it (``str(choice)`` prints them). A ``DynamicMask`` is predicted.
+    Raises ``ValueError`` when a requested backend cannot run the call."""
+    return _prepare(
+        q, k, v, mask, scale, backend, enable_gqa, block_size, compile, every=True
+    )[1]
 
 
 def attention(
@@ -174,134 +345,52 @@ def attention(
     """Masked attention.
 
     Args:
-        q: ``[B, Hq, Q, D]``. k, v: ``[B, Hkv, KV, D]`` (``Hq`` a multiple of ``Hkv`` for GQA).
+        q: ``[B, Hq, Q, D]``. k, v: ``[B, Hkv, KV, D]`` (``Hq`` a multiple of ``Hkv`` for GQA);
+            one floating dtype (float16, bfloat16, float32, float64), one device.
         mask: a ``Mask`` (query rows are the last ``Q`` rows of its ``KV x KV`` matrix, so a
-            decode step passes ``Q < KV``), a ``DynamicMask`` (bound to ``q, k`` here), or
-            None for full attention.
-        scale: softmax scale, default ``D ** -0.5``.
+            decode step passes ``Q < KV``), a ``DynamicMask`` (predicted from ``q, k`` here),
+            or None for full attention.
+        scale: softmax scale, a finite number > 0; default ``D ** -0.5``.
         backend: ``"auto" | "flex" | "sdpa" | "quant"``.
-        enable_gqa: None infers it from the head counts.
-        block_size: tile size of the ``BlockMask`` for ``"flex"``; None = the mask's
-            ``native_block_size`` if it has one (a predicted tile map), else 128.
+        enable_gqa: True, False or None (inferred from the head counts).
+        block_size: tile size of the ``BlockMask`` (an int or ``(Bq, Bkv)``); None = the
+            mask's ``native_block_size`` if it has one (a predicted tile map), else 128.
         compile: compile FlexAttention; None = on CUDA only.
 
     Returns:
         ``[B, Hq, Q, D]`` in the dtype of ``q``. Rows with no kept key are zeros.
     """
-    check_choice("backend", backend, BACKENDS)
-    gqa = _validate(q, k, v, enable_gqa)
-    mask = _resolve_mask(mask, q, k)
-    choice = _choose(q, k, mask, backend)
+    chosen, choice, call = _prepare(
+        q, k, v, mask, scale, backend, enable_gqa, block_size, compile
+    )
     log.debug("flexsparse.attention: %s", choice)
-    if choice.backend == "sdpa":
-        return _run_sdpa(q, k, v, mask, scale, gqa, choice.sdpa_mode)
-    if choice.backend == "quant":
-        return _EXTRA["quant"][1](q, k, v, mask, scale, gqa)
-    return _run_flex(q, k, v, mask, scale, gqa, block_size, compile)
+    return chosen.run(call)
 
 
 attention.explain = explain  # fs.attention.explain(q, k, v, mask)
 
 
-def _run_sdpa(q, k, v, mask, scale, gqa, mode) -> Tensor:
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    if mode == "none":
-        return sdpa(q, k, v, scale=scale, enable_gqa=gqa)
-    if mode == "causal":
-        return sdpa(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    dense = mask.to_dense(q.shape[2], k.shape[2], device=q.device)
-    while dense.dim() < 4:
-        dense = dense.unsqueeze(0)
-    out = sdpa(q, k, v, attn_mask=dense, scale=scale, enable_gqa=gqa)
-    # SDPA gives NaN for rows with no kept key; the contract is zeros.
-    return torch.where(dense.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype,
-                                                                      device=out.device))
-
-
-#: Compiled variants kept by Dynamo for one function (new shapes, dtypes, masks recompile).
-_RECOMPILE_LIMIT = 64
-
-
-@functools.lru_cache(maxsize=1)
-def _compiled_flex():
-    # A model sees many sequence lengths; Dynamo's default of 8 variants would silently fall
-    # back to the unfused eager path after the eighth.
-    config = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(config, name) and getattr(config, name) < _RECOMPILE_LIMIT:
-            setattr(config, name, _RECOMPILE_LIMIT)
-    return torch.compile(flex_attention, dynamic=False)
-
-
-def _use_compile(device: torch.device, compile: bool | None) -> bool:
-    if compile is not None:
-        return compile
-    env = os.environ.get("FLEXSPARSE_COMPILE", "auto")
-    if env in ("0", "never"):
-        return False
-    if env in ("1", "always"):
-        return True
-    return device.type == "cuda"
-
-
-def _run_flex(q, k, v, mask, scale, gqa, block_size, compile) -> Tensor:
-    if mask is None:
-        from .masks.basic import full
-
-        mask = full()
-    if block_size is None:
-        block_size = getattr(mask, "native_block_size", None) or 128
-    bm = mask.block_mask(
-        q.shape[2], k.shape[2], device=q.device, heads=mask.heads, batch=mask.batch,
-        block_size=block_size,
-    )
-    fn = _compiled_flex() if _use_compile(q.device, compile) else flex_attention
-    compiled = fn is not flex_attention
-    options = _kernel_options(bm.BLOCK_SIZE, q, compiled)
-    if options:
-        return fn(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa, kernel_options=options)
-    return fn(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa)
-
-
-def _kernel_options(block_size, q: Tensor, compiled: bool) -> dict | None:
-    """Kernel options for compiled FlexAttention on CUDA.
-
-    - Sparse blocks smaller than 128: the kernel's tile must divide the BlockMask's block
-      size, so a (128, 64) map needs ``BLOCK_N <= 64``.
-    - Hopper, head_dim <= 64: 128 x 64 tiles, 4 warps, 3 stages and TMA loads measured
-      7.9 ms vs 12.3 ms with torch's defaults on the CogVideoX-2b radial mask (density
-      0.53) and 13.4 vs 14.8 ms dense (H100, BENCHMARKS.md). Other head dims keep torch's
-      tiles and only add TMA.
-    """
-    if q.device.type != "cuda" or not compiled:
-        return None
-    options: dict = {}
-    hopper = torch.cuda.get_device_capability(q.device)[0] == 9
-    if hopper and _TUNED and q.shape[-1] <= 64:
-        options.update(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    bq, bk = (int(x) for x in block_size)
-    if bq < options.get("BLOCK_M", 128) or bk < options.get("BLOCK_N", 128):
-        options.update(
-            BLOCK_M=math.gcd(bq, options.get("BLOCK_M", 128)),
-            BLOCK_N=math.gcd(bk, options.get("BLOCK_N", 128)),
-        )
-    if hopper and _TUNED and q.shape[-1] % 16 == 0:
-        options["USE_TMA"] = True
-    return options or None
-
-
-#: FLEXSPARSE_FLEX_TUNING=0 keeps torch's default FlexAttention kernel options.
-_TUNED = os.environ.get("FLEXSPARSE_FLEX_TUNING", "1") != "0"
-
-
 def reference(q: Tensor, k: Tensor, v: Tensor, mask=None, *, scale=None) -> Tensor:
     """Dense float64 reference on the CPU: softmax(q k^T * scale + mask) v with zeros for
-    fully masked rows. Inputs of any dtype/device; returns float64 on the CPU."""
+    fully masked rows (the mask materialised row chunk by row chunk). Inputs of any
+    floating dtype / device; returns float64 ``[B, Hq, Q, D]`` on the CPU."""
+    gqa = _check_tensors(q, k, v, None)
     q64, k64, v64 = (t.detach().to("cpu", torch.float64) for t in (q, k, v))
-    gqa = _validate(q64, k64, v64, None)
-    mask = _resolve_mask(mask, q, k)
-    if mask is None:
-        mode = "none"
-    else:
-        mode = "mask"
-    return _run_sdpa(q64, k64, v64, mask, scale, gqa, mode)
+    call = AttentionCall(
+        q64, k64, v64, _check_mask(mask, q, k), _check_scale(scale, q.shape[3]), gqa
+    )
+    if call.mask is None:
+        return _b.SdpaBackend().run(call)
+    return _b.sdpa_rows(call)
+
+
+__all__ = [
+    "BACKENDS",
+    "DECODE_ROWS",
+    "DENSE_CROSSOVER",
+    "PRIORITY",
+    "Choice",
+    "attention",
+    "explain",
+    "reference",
+]

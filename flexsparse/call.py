@@ -12,6 +12,7 @@ computed once however many backends look at it.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -37,6 +38,8 @@ class AttentionCall:
         gqa: ``Hq != Hkv`` (``Hq`` a multiple of ``Hkv``).
         block_size: the tile size asked for (``(Bq, Bkv)``) or None for the backend's own.
         compile: compile FlexAttention (None: on CUDA only).
+        notes: what lowering decided on the way (e.g. a predicted map dropped for the
+            dense kernel); ``explain`` shows them.
     """
 
     q: Tensor
@@ -47,6 +50,7 @@ class AttentionCall:
     gqa: bool
     block_size: tuple[int, int] | None = None
     compile: bool | None = None
+    notes: tuple[str, ...] = ()
 
     @property
     def q_len(self) -> int:
@@ -69,16 +73,58 @@ class AttentionCall:
     def head_dim(self) -> int:
         return self.q.shape[3]
 
-    def block_mask(self, block_size: tuple[int, int]) -> BlockMask:
+    def block_mask(self, block_size: tuple[int, int], *, noop: bool = True) -> BlockMask:
         """The mask's ``BlockMask`` for this call at ``block_size`` tiles (cached on the
-        mask). A mask whose tiles are all empty or full carries ``noop_mask``."""
+        mask). With ``noop`` (the default: kernels that read the tile lists) a map whose
+        tiles are all empty or full carries ``noop_mask``; eager FlexAttention, which
+        ignores the tile lists and applies only ``mask_mod``, asks with ``noop=False``."""
         from .masks.basic import full
 
         mask = full() if self.mask is None else self.mask
         return mask.block_mask(
             self.q_len, self.kv_len, device=self.device, heads=mask.heads, batch=mask.batch,
-            block_size=block_size,
+            block_size=block_size, noop=noop,
         )
+
+
+    def tile_counts(self, block_size: tuple[int, int]) -> TileCounts:
+        """Empty / partial / full tiles of ``block_mask(block_size)``, summed over the
+        mask's heads and batch (computed once per BlockMask: one host sync)."""
+        bm = self.block_mask(block_size)
+        hit = _COUNTS.get(bm)
+        if hit is None:
+            hit = _count_tiles(bm)
+            _COUNTS[bm] = hit
+        return hit
+
+
+@dataclass(frozen=True)
+class TileCounts:
+    """Tile census of a ``BlockMask``."""
+
+    empty: int
+    partial: int
+    full: int
+
+    @property
+    def total(self) -> int:
+        return self.empty + self.partial + self.full
+
+    @property
+    def kept_fraction(self) -> float:
+        """Fraction of tiles computed (partial or full)."""
+        return (self.partial + self.full) / max(1, self.total)
+
+
+_COUNTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _count_tiles(bm: BlockMask) -> TileCounts:
+    kv_blocks = -(-bm.seq_lengths[1] // bm.BLOCK_SIZE[1])
+    total = bm.kv_num_blocks.numel() * kv_blocks
+    partial = int(bm.kv_num_blocks.sum())
+    full = 0 if bm.full_kv_num_blocks is None else int(bm.full_kv_num_blocks.sum())
+    return TileCounts(total - partial - full, partial, full)
 
 
 class Backend(Protocol):

@@ -15,12 +15,27 @@ from torch import Tensor
 
 from ._checks import check_choice, check_int
 
-#: Compression and patching of the video models we know: latent frames = (F - 1) / t + 1,
-#: tokens per frame = (H / s / p) * (W / s / p).
+#: Compression and patching of the video models we know, checked against diffusers'
+#: configs: the VAE's ``scale_factor_temporal`` / ``scale_factor_spatial``, the
+#: transformer's ``patch_size`` (spatial) and ``patch_size_t`` (temporal), the text tokens
+#: that share self-attention with the video (CogVideoX: 226 T5 tokens first; HunyuanVideo:
+#: 256 LLaMA tokens after the video; Wan: text only in cross-attention) and the radial
+#: rule variant. Latent frames = (F - 1) // temporal + 1 (the pipelines' rule), padded to
+#: a multiple of ``patch_t`` (CogVideoX 1.5); tokens per frame = (H / s / p) * (W / s / p).
+_COGVIDEOX = dict(temporal=4, spatial=8, patch=2, patch_t=1, text_tokens=226,
+                  text_position="start", radial="cogvideox")
+_HUNYUAN = dict(temporal=4, spatial=8, patch=2, patch_t=1, text_tokens=256,
+                text_position="end", radial="hunyuan")
+_WAN21 = dict(temporal=4, spatial=8, patch=2, patch_t=1, text_tokens=0, text_position="end",
+              radial="wan")
 MODEL_PRESETS: dict[str, dict] = {
-    "cogvideox": dict(temporal=4, spatial=8, patch=2, text_tokens=226, text_position="start"),
-    "hunyuan": dict(temporal=4, spatial=8, patch=2, text_tokens=256, text_position="end"),
-    "wan": dict(temporal=4, spatial=8, patch=2, text_tokens=0, text_position="end"),
+    "cogvideox": _COGVIDEOX,  # CogVideoX-2b / 5b: 49 x 480 x 720 -> 13 x 1350 + 226
+    "cogvideox1.5": dict(_COGVIDEOX, patch_t=2),  # 81 x 768 x 1360 -> 11 x 4080 + 226
+    "hunyuan": _HUNYUAN,  # 117 x 768 x 1280 -> 30 x 3840 + 256 = 115,456
+    "hunyuan_video": _HUNYUAN,
+    "wan": _WAN21,  # Wan 2.1 (and 2.2 A14B): 81 x 720 x 1280 -> 21 x 3600 = 75,600
+    "wan2.1": _WAN21,
+    "wan2.2-5b": dict(_WAN21, spatial=16),  # 16x VAE: 121 x 704 x 1280 -> 31 x 880
 }
 
 
@@ -66,35 +81,47 @@ class VideoLayout:
     ) -> VideoLayout:
         """Latent layout of a ``num_frames x height x width`` pixel video for ``model``.
 
+        ``model`` is a key of ``MODEL_PRESETS``: ``"cogvideox"`` (2b / 5b),
+        ``"cogvideox1.5"``, ``"hunyuan"`` / ``"hunyuan_video"``, ``"wan"`` / ``"wan2.1"``,
+        ``"wan2.2-5b"``. Latent frames follow the pipelines' rule ``(num_frames - 1) //
+        temporal + 1`` (so 8 frames are accepted like 9), padded to a multiple of the
+        temporal patch (CogVideoX 1.5, where a layout frame is ``patch_t`` latent frames).
+
         CogVideoX: 49 x 480 x 720 -> 13 latent frames x 1350 tokens + 226 text tokens.
-        HunyuanVideo: 117 x 768 x 1280 -> 30 x 3840 + 256 text (at the end).
-        Wan 2.1: 69 x 768 x 1280 -> 18 x 3840, no text in self-attention.
+        CogVideoX 1.5: 81 x 768 x 1360 -> 11 x 4080 + 226 = 45,106.
+        HunyuanVideo: 117 x 768 x 1280 -> 30 x 3840 + 256 text (at the end) = 115,456.
+        Wan 2.1: 81 x 720 x 1280 -> 21 x 3600 = 75,600, no text in self-attention.
+        Wan 2.2 5B: 121 x 704 x 1280 -> 31 x 880 = 27,280 (16x spatial VAE).
         """
         check_choice("model", model, MODEL_PRESETS)
         p = dict(MODEL_PRESETS[model])
-        t = check_int("temporal_compression", temporal_compression or p["temporal"], minimum=1)
-        s = check_int("spatial_compression", spatial_compression or p["spatial"], minimum=1)
-        ps = check_int("patch_size", patch_size or p["patch"], minimum=1)
+
+        def given(name, value, default):
+            # None means "the preset's"; 0 is a value, and a wrong one
+            return check_int(name, default if value is None else value, minimum=1)
+
+        t = given("temporal_compression", temporal_compression, p["temporal"])
+        s = given("spatial_compression", spatial_compression, p["spatial"])
+        ps = given("patch_size", patch_size, p["patch"])
+        pt = p["patch_t"]
         num_frames = check_int("num_frames", num_frames, minimum=1)
         height = check_int("height", height, minimum=1)
         width = check_int("width", width, minimum=1)
-        if (num_frames - 1) % t:
-            raise ValueError(
-                f"num_frames must be 1 + a multiple of the temporal compression {t} "
-                f"for {model!r}, got {num_frames}"
-            )
         for name, size in (("height", height), ("width", width)):
             if size % (s * ps):
                 raise ValueError(
                     f"{name} must be a multiple of {s * ps} (VAE {s} x patch {ps}) for "
                     f"{model!r}, got {size}"
                 )
+        latent = (num_frames - 1) // t + 1
         return cls(
-            frames=(num_frames - 1) // t + 1,
+            frames=-(-latent // pt),
             tokens_per_frame=(height // s // ps) * (width // s // ps),
             text_tokens=p["text_tokens"] if text_tokens is None else text_tokens,
-            text_position=text_position or p["text_position"],
-            temporal_compression=t,
+            text_position=p["text_position"] if text_position is None else text_position,
+            # a layout frame spans patch_t latent frames (pixel boundaries are approximate
+            # there: CogVideoX 1.5 pads its first latent frame)
+            temporal_compression=t * pt,
         )
 
     # -- sizes -------------------------------------------------------------------------
@@ -124,14 +151,6 @@ class VideoLayout:
         then ``temporal_compression`` pixel frames per latent frame)."""
         check_int("pixel_frame", pixel_frame, minimum=0)
         return -(-pixel_frame // self.temporal_compression)
-
-    def check_length(self, name: str, n: int) -> None:
-        if n != self.length:
-            raise ValueError(
-                f"{name} is {n} but the layout has {self.length} tokens "
-                f"({self.text_tokens} text + {self.frames} frames x {self.tokens_per_frame}); "
-                "build the mask for this sequence"
-            )
 
     # -- lookup tensors -----------------------------------------------------------------
     def lookups(self, device="cpu") -> dict[str, Tensor]:
@@ -264,9 +283,3 @@ class SegmentLayout:
         after = self.prefix + max(self.segments)
         pieces.append(torch.arange(after, after + self.suffix + max(n - self.length, 0)))
         return torch.cat(pieces)[:n].to(device)
-
-    @classmethod
-    def stack_lengths(cls, layouts: list[SegmentLayout]) -> int:
-        """Longest layout of a batch (the padded length)."""
-        return max(layout.length for layout in layouts)
-

@@ -21,6 +21,7 @@ evaluating ``mask_mod`` on those tiles alone (within ``REFINE_BUDGET`` elements)
 from __future__ import annotations
 
 import functools
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -34,7 +35,7 @@ from torch.nn.attention.flex_attention import (
 )
 
 from . import tiles as T
-from ._checks import block_pair, check_int
+from ._checks import block_pair, check_bool, check_choice, check_int
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 TileRule = Callable[[T.TileGrid], Tensor]
@@ -44,14 +45,17 @@ REFINE_BUDGET = 1 << 24
 #: Rows materialised at a time when a mask without a tile rule is classified.
 _ROW_CHUNK = 1024
 _CACHE_SIZE = 16
+#: What ``sdpa_hint`` may say (None: nothing SDPA can use).
+SDPA_HINTS = ("causal", "full")
 
 
 class Mask:
     """A sparse attention pattern.
 
     Args:
-        mask_mod: ``(b, h, q_idx, kv_idx) -> bool``; True keeps the pair. Must broadcast
-            over tensor arguments (it is evaluated on index grids as well as under vmap).
+        mask_mod: ``(b, h, q_idx, kv_idx) -> bool``; True keeps the pair. Valid for torch
+            is enough (scalars under vmap): one that does not broadcast over index grids
+            is detected and evaluated element-wise (``tiles.evaluate_mask_mod``).
         tile_rule: optional ``TileGrid -> int8 [Qb, KVb] | [H, Qb, KVb] | [B, H, Qb, KVb]``
             with values ``tiles.EMPTY / PARTIAL / FULL``. It must never call a tile empty
             that holds a kept pair, nor full one that holds a dropped pair.
@@ -90,7 +94,9 @@ class Mask:
                     f"tile_rule must be callable or None, got {type(tile_rule).__name__}"
                 )
             self._has_rule = tile_rule is not None
-            on_device = _fixed(mask_mod, tile_rule)
+            # A user's rule need only be valid for torch (scalars under vmap); ours are
+            # written to broadcast, the user's is made to.
+            on_device = _fixed(T.broadcast_safe(mask_mod), tile_rule)
         else:
             if mask_mod is not None:
                 raise TypeError("pass either mask_mod (and tile_rule) or on_device, not both")
@@ -101,13 +107,48 @@ class Mask:
         self.heads = None if heads is None else check_int("heads", heads, minimum=1)
         self.batch = None if batch is None else check_int("batch", batch, minimum=1)
         self.length = None if length is None else check_int("length", length, minimum=1)
-        self.binary_tiles = binary_tiles
+        self.binary_tiles = check_bool("binary_tiles", binary_tiles)
+        if sdpa_hint is not None:
+            check_choice("sdpa_hint", sdpa_hint, SDPA_HINTS)
         self.sdpa_hint = sdpa_hint
         #: ``(block_q, block_kv)`` the mask is naturally built at (e.g. a predicted tile
         #: map); ``attention`` uses it when the caller passes no ``block_size``.
         self.native_block_size: tuple[int, int] | None = None
+        #: Extra ``(q_len, kv_len)`` validations (a tile map checks its shape); kept by
+        #: compositions.
+        self._length_checks: tuple[Callable[[int, int], None], ...] = ()
+        self._init_caches()
+
+    def _init_caches(self) -> None:
         self._states_cache: OrderedDict = OrderedDict()
         self._block_mask_cache: OrderedDict = OrderedDict()
+        # Guards the two LRU caches; never held while a value is built.
+        self._cache_lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        # Locks cannot be copied or pickled: copies start with empty caches.
+        state = self.__dict__.copy()
+        for name in ("_states_cache", "_block_mask_cache", "_cache_lock"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_caches()
+
+    def _cache_get(self, cache: OrderedDict, key):
+        with self._cache_lock:
+            hit = cache.get(key)
+            if hit is not None:
+                cache.move_to_end(key)
+            return hit
+
+    def _cache_put(self, cache: OrderedDict, key, value) -> None:
+        with self._cache_lock:
+            cache[key] = value
+            cache.move_to_end(key)
+            while len(cache) > _CACHE_SIZE:
+                cache.popitem(last=False)
 
     # -- basic properties -----------------------------------------------------------------
     @property
@@ -158,6 +199,8 @@ class Mask:
                 f"mask {self.name!r} was built for sequences of {self.length} tokens, got "
                 f"kv_len={kv_len}; build it for this length"
             )
+        for check in self._length_checks:
+            check(q_len, kv_len)
         return q_len, kv_len
 
     def _check_heads(self, heads: int | None) -> int | None:
@@ -189,8 +232,8 @@ class Mask:
         q = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
         kv = torch.arange(kv_len, device=device)[None, :]
         b, h = self._batch_head_index(device, extra_dims=2)
-        out = self.mask_mod_for(device)(b, h, q, kv)
-        return out.to(torch.bool).expand(self._lead_shape() + [q_len, kv_len]).clone()
+        out = T.evaluate_mask_mod(self.mask_mod_for(device), b, h, q, kv)
+        return out.expand(self._lead_shape() + [q_len, kv_len]).clone()
 
     def _default_lengths(self, q_len, kv_len):
         if kv_len is None:
@@ -232,9 +275,8 @@ class Mask:
         bq, bk = block_pair("block_size", block_size)
         device = torch.device(device)
         key = (q_len, kv_len, bq, bk, str(device))
-        hit = self._states_cache.get(key)
+        hit = self._cache_get(self._states_cache, key)
         if hit is not None:
-            self._states_cache.move_to_end(key)
             return hit
         grid = T.TileGrid.make(q_len, kv_len, bq, bk, device)
         rule = self.tile_rule_for(device)
@@ -242,7 +284,7 @@ class Mask:
             states = rule(grid).to(torch.int8)
         else:
             states = self._states_by_rows(grid)
-        _remember(self._states_cache, key, states)
+        self._cache_put(self._states_cache, key, states)
         return states
 
     def _states_by_rows(self, grid: T.TileGrid) -> Tensor:
@@ -256,7 +298,7 @@ class Mask:
             lo = int(grid.q_lo[start])
             hi = int(grid.q_hi[min(start + rows_per_chunk, grid.shape[0]) - 1])
             q = torch.arange(lo, hi + 1, device=grid.device)[:, None]
-            dense = mod(b, h, q, kv).to(torch.bool)
+            dense = T.evaluate_mask_mod(mod, b, h, q, kv)
             dense = dense.expand(*self._lead_shape(), hi - lo + 1, grid.kv_len)
             chunks.append(T.states_from_dense(dense, grid.block_q, grid.block_kv))
         return torch.cat(chunks, dim=-2)
@@ -276,29 +318,36 @@ class Mask:
         heads: int | None = None,
         batch: int | None = None,
         block_size: int | tuple[int, int] = 128,
+        noop: bool = False,
     ) -> BlockMask:
         """The FlexAttention ``BlockMask`` for a ``q_len x kv_len`` call, cached per shape,
         device, heads, batch and block size. Built from the tile rule when the mask has
-        one (no N^2 work), else with ``create_block_mask``."""
+        one (no N^2 work), else with ``create_block_mask``.
+
+        ``noop``: when no tile is partial, carry torch's ``noop_mask`` instead of the
+        pattern's ``mask_mod`` (faster compiled kernels). Only compiled FlexAttention may
+        use such a BlockMask: eager FlexAttention ignores the tile lists and applies only
+        ``mask_mod``, so the default is False; ``flexsparse.attention`` passes True where
+        it runs FlexAttention compiled."""
         kv_len = q_len if kv_len is None else kv_len
         q_len, kv_len = self.check_lengths(q_len, kv_len)
         heads, batch = self._check_heads(heads), self._check_batch(batch)
         bq, bk = block_pair("block_size", block_size)
         device = torch.device(device)
-        key = (q_len, kv_len, str(device), heads, batch, bq, bk)
-        hit = self._block_mask_cache.get(key)
+        noop = check_bool("noop", noop)
+        key = (q_len, kv_len, str(device), heads, batch, bq, bk, noop)
+        hit = self._cache_get(self._block_mask_cache, key)
         if hit is not None:
-            self._block_mask_cache.move_to_end(key)
             return hit
         mod = self._offset_mask_mod(kv_len - q_len, device)
         if self.has_tile_rule:
             states = self.tile_states(q_len, kv_len, (bq, bk), device)
-            bm = T.to_block_mask(states, mod, q_len, kv_len, bq, bk)
+            bm = T.to_block_mask(states, mod, q_len, kv_len, bq, bk, noop=noop)
         else:
             bm = create_block_mask(
                 mod, self.batch, self.heads, q_len, kv_len, device=device, BLOCK_SIZE=(bq, bk)
             )
-        _remember(self._block_mask_cache, key, bm)
+        self._cache_put(self._block_mask_cache, key, bm)
         return bm
 
     def _offset_mask_mod(self, offset: int, device) -> MaskMod:
@@ -349,7 +398,8 @@ class Mask:
         lead = where.shape[1] - 2
         b = where[:, 0][:, None, None] if lead == 2 else zero
         h = where[:, lead - 1][:, None, None] if lead >= 1 else zero
-        return (self.mask_mod_for(grid.device)(b, h, q, kv) & ok).sum((-2, -1))
+        kept = T.evaluate_mask_mod(self.mask_mod_for(grid.device), b, h, q, kv)
+        return (kept & ok).sum((-2, -1))
 
     def stats(self, q_len: int | None = None, kv_len: int | None = None, block_size=128) -> dict:
         """Density and tile counts (empty / partial / full) at ``block_size``."""
@@ -382,11 +432,13 @@ class Mask:
             not_rule = None if rule is None else (lambda grid: T.FULL - rule(grid))
             return not_mod, not_rule
 
-        return Mask(
+        out = Mask(
             on_device=on_device, has_tile_rule=self.has_tile_rule, name=f"~{self.name}",
             heads=self.heads, batch=self.batch, length=self.length,
             binary_tiles=self.binary_tiles,
         )
+        out._length_checks = self._length_checks
+        return out
 
     @classmethod
     def from_tiles(
@@ -405,10 +457,13 @@ class Mask:
             length: sequence length the map was built for, if it is bound to one.
 
         Asked for another tile size (or a decode offset), states come exactly from a
-        summed-area table of ``kept``.
+        summed-area table of ``kept``. A ``q_len x kv_len`` request needs exactly
+        ``ceil(kv_len / block_q) x ceil(kv_len / block_kv)`` tiles (query rows are the last
+        ``q_len`` rows): a map larger or smaller than that raises ``ValueError``.
         """
-        if kept.dtype != torch.bool:
-            raise TypeError(f"kept must be a bool tensor, got {kept.dtype}")
+        if not isinstance(kept, Tensor) or kept.dtype != torch.bool:
+            what = kept.dtype if isinstance(kept, Tensor) else type(kept).__name__
+            raise TypeError(f"kept must be a bool tensor, got {what}")
         if kept.dim() not in (2, 3, 4):
             raise ValueError(f"kept must have 2, 3 or 4 dims, got shape {tuple(kept.shape)}")
         bq, bk = block_pair("block_size", block_size)
@@ -416,10 +471,14 @@ class Mask:
         heads = kept.shape[-3] if kept.dim() >= 3 else None
         batch = kept.shape[0] if kept.dim() == 4 else None
         last_q, last_kv = qb - 1, kb - 1
+        check_shape = functools.partial(_check_tile_map, (qb, kb), bq, bk)
+        if length is not None:
+            check_shape(check_int("length", length, minimum=1), length)
 
         def on_device(device):
             kept_d = kept.to(device)
-            sat = _summed_area(kept_d)
+            # The summed-area table serves other tile sizes only: built on first use.
+            sat = functools.lru_cache(maxsize=1)(lambda: _summed_area(kept_d))
 
             def mask_mod(b, h, q_idx, kv_idx):
                 qi = torch.clamp(q_idx // bq, max=last_q)
@@ -432,13 +491,29 @@ class Mask:
 
             return mask_mod, functools.partial(_tiles_rule, kept_d, sat, bq, bk)
 
-        return cls(
+        mask = cls(
             on_device=on_device, has_tile_rule=True, name=name, heads=heads, batch=batch,
             length=length, binary_tiles=True,
         )
+        mask._length_checks = (check_shape,)
+        return mask
 
 
-def _tiles_rule(kept: Tensor, sat: Tensor, bq: int, bk: int, grid: T.TileGrid) -> Tensor:
+def _check_tile_map(shape: tuple[int, int], bq: int, bk: int, q_len: int, kv_len: int) -> None:
+    """A tile map serves exactly the sequences it tiles: ``ceil(kv_len / B)`` per side."""
+    want = (-(-kv_len // bq), -(-kv_len // bk))
+    if tuple(shape) != want:
+        raise ValueError(
+            f"kept: the tile map has {shape[0]} x {shape[1]} tiles of {bq} x {bk}, but "
+            f"q_len={q_len}, kv_len={kv_len} need exactly ceil({kv_len}/{bq}) x "
+            f"ceil({kv_len}/{bk}) = {want[0]} x {want[1]} tiles (query rows are the last "
+            f"q_len rows of the kv_len x kv_len map)"
+        )
+
+
+def _tiles_rule(
+    kept: Tensor, summed_area: Callable[[], Tensor], bq: int, bk: int, grid: T.TileGrid
+) -> Tensor:
     """Tile states of a block-granular map ``kept`` (tiles ``bq x bk``) on any grid."""
     rows, cols = kept.shape[-2] * bq, kept.shape[-1] * bk
     if grid.q_offset + grid.q_len > rows or grid.kv_len > cols:
@@ -453,6 +528,7 @@ def _tiles_rule(kept: Tensor, sat: Tensor, bq: int, bk: int, grid: T.TileGrid) -
     qz = torch.clamp(grid.q_hi // bq, max=last_q)[:, None] + 1
     ka = torch.clamp(grid.kv_lo // bk, max=last_kv)[None, :]
     kz = torch.clamp(grid.kv_hi // bk, max=last_kv)[None, :] + 1
+    sat = summed_area()
     count = sat[..., qz, kz] - sat[..., qa, kz] - sat[..., qz, ka] + sat[..., qa, ka]
     return T.from_bounds(count == (qz - qa) * (kz - ka), count > 0)
 
@@ -460,12 +536,6 @@ def _tiles_rule(kept: Tensor, sat: Tensor, bq: int, bk: int, grid: T.TileGrid) -
 def _summed_area(kept: Tensor) -> Tensor:
     s = kept.to(torch.int32).cumsum(-1).cumsum(-2)
     return torch.nn.functional.pad(s, (1, 0, 1, 0))
-
-
-def _remember(cache: OrderedDict, key, value) -> None:
-    cache[key] = value
-    if len(cache) > _CACHE_SIZE:
-        cache.popitem(last=False)
 
 
 def _merge(a: int | None, b: int | None, what: str) -> int | None:
@@ -514,6 +584,7 @@ def _compose(a: Mask, b: Mask, op: str) -> Mask:
         binary_tiles=a.binary_tiles and b.binary_tiles, sdpa_hint=hint,
     )
     out.native_block_size = _merge_native(a, b)
+    out._length_checks = a._length_checks + b._length_checks
     return out
 
 

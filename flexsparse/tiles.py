@@ -11,13 +11,21 @@ positions inside the sequence.
 
 from __future__ import annotations
 
+import functools
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.nn.attention.flex_attention import BlockMask
+from torch.nn.attention.flex_attention import BlockMask, noop_mask
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
+
+#: Elements checked against the per-element (vmap) evaluation before a mask_mod's
+#: broadcast result is trusted.
+_PROBE_POINTS = 16
+#: mask_mod -> whether its broadcast evaluation was found right (checked once per rule).
+_BROADCASTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,106 @@ def states_from_dense(dense: Tensor, block_q: int, block_kv: int) -> Tensor:
     return from_bounds(kept == total, kept > 0)
 
 
+def evaluate_mask_mod(mask_mod, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+    """``mask_mod`` on broadcastable index tensors: bool of their broadcast shape.
+
+    torch calls a ``mask_mod`` on scalars (``create_mask`` vmaps it over b, h, q, kv), so a
+    valid ``mask_mod`` need not broadcast: one that indexes a lookup table by ``kv_idx``
+    and then takes ``row[0]`` (attention-gym's vision cross-attention mask) gives a wrong
+    shape or wrong values on index grids. The first time a rule is met, its broadcast
+    result is checked (shape, and values against per-element evaluation on a sample of
+    points); a rule that fails is evaluated element-wise with ``vmap`` over the flattened
+    grid from then on. Rules marked with ``broadcasts`` (the library's) skip the check."""
+    mask_mod = getattr(mask_mod, "_flexsparse_inner", mask_mod)  # evaluated here, once
+    idx = [torch.as_tensor(x, device=q_idx.device) for x in (b, h, q_idx, kv_idx)]
+    shape = torch.broadcast_shapes(*(x.shape for x in idx))
+    verdict = _verdict(mask_mod)
+    if verdict is not False:
+        out = _broadcast_eval(mask_mod, idx, shape)
+        if out is not None and (verdict or _agrees(mask_mod, idx, shape, out)):
+            _remember_verdict(mask_mod, True)
+            return out
+        if getattr(mask_mod, "_flexsparse_broadcasts", False):
+            mask_mod(*idx)  # a library rule failed: let it raise its own error
+        _remember_verdict(mask_mod, False)
+    flat = [x.expand(shape).reshape(-1) for x in idx]
+    if flat[0].numel() == 0:
+        return torch.zeros(shape, dtype=torch.bool, device=q_idx.device)
+    return torch.vmap(mask_mod)(*flat).to(torch.bool).reshape(shape)
+
+
+def broadcasts(mask_mod):
+    """Mark ``mask_mod`` as written to broadcast over index grids (no check needed)."""
+    mask_mod._flexsparse_broadcasts = True
+    return mask_mod
+
+
+def broadcast_safe(mask_mod):
+    """``mask_mod`` made safe to call on index grids: on scalars (torch's vmap and
+    compiled kernels) it is called as is, on grids through ``evaluate_mask_mod``. ``Mask``
+    wraps the ``mask_mod`` a user passes, so every caller that evaluates it on a grid (the
+    dense reference, row-wise SDPA, tile classification) gets torch's semantics."""
+    if getattr(mask_mod, "_flexsparse_broadcasts", False) or hasattr(
+        mask_mod, "_flexsparse_inner"
+    ):
+        return mask_mod
+
+    @functools.wraps(mask_mod)
+    def safe(b, h, q_idx, kv_idx):
+        if all(getattr(x, "dim", _scalar)() == 0 for x in (b, h, q_idx, kv_idx)):
+            return mask_mod(b, h, q_idx, kv_idx)
+        return evaluate_mask_mod(mask_mod, b, h, q_idx, kv_idx)
+
+    safe._flexsparse_inner = mask_mod
+    return safe
+
+
+def _scalar() -> int:
+    return 0
+
+
+def _verdict(mask_mod) -> bool | None:
+    if getattr(mask_mod, "_flexsparse_broadcasts", False):
+        return True
+    try:
+        return _BROADCASTS.get(mask_mod)
+    except TypeError:  # not weak-referenceable: checked every time
+        return None
+
+
+def _remember_verdict(mask_mod, ok: bool) -> None:
+    try:
+        _BROADCASTS[mask_mod] = ok
+    except TypeError:
+        pass
+
+
+def _broadcast_eval(mask_mod, idx: list[Tensor], shape: torch.Size) -> Tensor | None:
+    try:
+        out = torch.as_tensor(mask_mod(*idx))
+        if torch.broadcast_shapes(out.shape, shape) != shape:
+            return None
+    except Exception:  # noqa: BLE001 - any failure means "evaluate per element"; a real
+        return None    # bug in the mask_mod then surfaces from the vmap evaluation
+    return out.to(torch.bool).expand(shape)
+
+
+def _agrees(mask_mod, idx: list[Tensor], shape: torch.Size, out: Tensor) -> bool:
+    """Does ``out`` match ``mask_mod`` evaluated point by point on a spread of elements?"""
+    total = out.numel()
+    if total == 0:
+        return True
+    pick = torch.unique(torch.linspace(0, total - 1, _PROBE_POINTS).long()).to(out.device)
+    coords = torch.unravel_index(pick, shape) if len(shape) else ()
+    points = [x.expand(shape)[coords] if len(shape) else x.reshape(1) for x in idx]
+    try:
+        want = torch.vmap(mask_mod)(*points).to(torch.bool)
+    except Exception:  # noqa: BLE001 - not vmap-able: the broadcast result is all there is
+        return True
+    got = out[coords] if len(shape) else out.reshape(1)
+    return bool(torch.equal(want.reshape(-1), got.reshape(-1)))
+
+
 def evaluate_tiles(mask_mod, grid: TileGrid, tiles: Tensor, heads: int | None) -> Tensor:
     """Exact states of the listed tiles by evaluating ``mask_mod`` on their elements.
 
@@ -116,7 +224,8 @@ def evaluate_tiles(mask_mod, grid: TileGrid, tiles: Tensor, heads: int | None) -
     # Clamp so that lookup tensors are never indexed past the sequence.
     qc = torch.minimum(q, grid.q_hi[tiles[:, 1]][:, None, None])
     kc = torch.minimum(kv, grid.kv_hi[tiles[:, 2]][:, None, None])
-    kept = mask_mod(b, h.to(grid.device), qc, kc).expand_as(in_range) & in_range
+    kept = evaluate_mask_mod(mask_mod, b, h.to(grid.device), qc, kc).expand_as(in_range)
+    kept = kept & in_range
     n_kept = kept.sum((-2, -1))
     return from_bounds(n_kept == in_range.sum((-2, -1)), n_kept > 0)
 
@@ -128,28 +237,75 @@ def to_block_mask(
     kv_len: int,
     block_q: int,
     block_kv: int,
+    noop: bool = True,
 ) -> BlockMask:
     """Build a ``BlockMask`` straight from tile states ``[Qb, KVb]``, ``[H, Qb, KVb]`` or
     ``[B, H, Qb, KVb]``: partial tiles go to ``kv_*`` (``mask_mod`` applied), full tiles
-    to ``full_kv_*`` (``mask_mod`` skipped), empty tiles nowhere."""
+    to ``full_kv_*`` (``mask_mod`` skipped), empty tiles nowhere.
+
+    With ``noop``, a map without partial tiles carries torch's ``noop_mask`` instead of
+    ``mask_mod`` (compiled FlexAttention then has no per-element rule: 7.7 ms instead of
+    11.6 ms on the CogVideoX radial map, issue 14). Eager FlexAttention ignores the tile
+    lists and applies only ``mask_mod`` to every score, so a BlockMask meant for it needs
+    ``noop=False``. The query-side (transposed) indices that backward needs are ordered
+    from the states directly, which is what ``from_kv_blocks`` would compute through a
+    dense round trip."""
     while states.dim() < 4:
         states = states.unsqueeze(0)
-    partial = states == PARTIAL
     full = states == FULL
-    return BlockMask.from_kv_blocks(
-        *_ordered(partial),
-        *_ordered(full),
-        BLOCK_SIZE=(block_q, block_kv),
-        mask_mod=mask_mod,
-        seq_lengths=(q_len, kv_len),
+    partial = states == PARTIAL
+    # One host sync: whether the per-element rule is needed at all.
+    if not noop or bool(partial.any()):
+        kv_num, kv_idx = _ordered(partial)
+        q_num, q_idx = _ordered(partial.transpose(-2, -1))
+    else:
+        mask_mod = noop_mask
+        kv_num = q_num = None
+    full_kv = _ordered(full)
+    full_q = _ordered(full.transpose(-2, -1))
+    if kv_num is None:
+        # No partial tiles: zero counts; the index tensors are never read past the counts.
+        kv_num, kv_idx = torch.zeros_like(full_kv[0]), full_kv[1]
+        q_num, q_idx = torch.zeros_like(full_q[0]), full_q[1]
+    return _block_mask(
+        (q_len, kv_len), (kv_num, kv_idx), full_kv, (q_num, q_idx), full_q,
+        (block_q, block_kv), mask_mod,
     )
 
 
+def _block_mask(seq_lengths, kv, full_kv, q, full_q, block, mask_mod) -> BlockMask:
+    try:
+        return BlockMask(
+            seq_lengths=seq_lengths, kv_num_blocks=kv[0], kv_indices=kv[1],
+            full_kv_num_blocks=full_kv[0], full_kv_indices=full_kv[1],
+            q_num_blocks=q[0], q_indices=q[1], full_q_num_blocks=full_q[0],
+            full_q_indices=full_q[1], BLOCK_SIZE=block, mask_mod=mask_mod,
+        )
+    except TypeError:  # a torch whose constructor differs: let it transpose itself
+        return BlockMask.from_kv_blocks(
+            *kv, *full_kv, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=seq_lengths
+        )
+
+
 def _ordered(selected: Tensor) -> tuple[Tensor, Tensor]:
-    """``(num_blocks [.., Qb], indices [.., Qb, KVb])`` with the selected columns first."""
+    """``(num_blocks [.., R], indices [.., R, C])`` int32, the selected columns first, each
+    group in ascending order (what torch's stable descending argsort gives)."""
     num = selected.sum(-1, dtype=torch.int32)
-    idx = torch.argsort((~selected).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-    return num.contiguous(), idx.contiguous()
+    if selected.device.type != "cpu":
+        # On a GPU one segmented sort is fewer launches than the scatter below.
+        idx = torch.argsort(selected.to(torch.int8), dim=-1, descending=True, stable=True)
+        # The kernels read the indices as contiguous: a transposed input must not leak
+        # its strides (sort and the casts keep them).
+        return num.contiguous(), idx.to(torch.int32, memory_format=torch.contiguous_format)
+    # On the CPU a sort of every row is the slow part: place each column directly. The
+    # j-th column goes to (selected before it) if selected, else num + (unselected before).
+    width = selected.shape[-1]
+    before = selected.to(torch.int32).cumsum(-1, dtype=torch.int32)
+    cols = torch.arange(width, dtype=torch.int32, device=selected.device)
+    pos = torch.where(selected, before - 1, num[..., None] + cols - before)
+    idx = torch.empty(pos.shape, dtype=torch.int32, device=pos.device)
+    idx.scatter_(-1, pos.long(), cols.expand_as(pos))
+    return num.contiguous(), idx
 
 
 def summary(states: Tensor) -> dict[str, int]:

@@ -32,6 +32,7 @@ def test_parse_flag_values():
     assert C.parse_ints("--boundaries", "0,5,9") == [0, 5, 9]
     assert C.parse_adjacency("110,111,011") == [[1, 1, 0], [1, 1, 1], [0, 1, 1]]
     assert C.parse_adjacency([[1, 0], [0, 1]]) == [[1, 0], [0, 1]]
+    assert C.parse_adjacency("1,1,0;1,1,1;0,1,1") == [[1, 1, 0], [1, 1, 1], [0, 1, 1]]
     assert C.parse_segments("12:20,18,22:6") == fs.SegmentLayout(12, [20, 18, 22], 6)
     assert C.parse_segments("20,18") == fs.SegmentLayout(0, [20, 18], 0)
     assert C.parse_segments("4:20,18") == fs.SegmentLayout(4, [20, 18], 0)
@@ -41,8 +42,8 @@ def test_parse_flag_values():
 @pytest.mark.parametrize("fn, value, message", [
     (C.parse_video, "49x480", "--video must be FRAMESxHEIGHTxWIDTH"),
     (C.parse_video, "49xAx720", "like 49x480x720, got '49xAx720'"),
-    (C.parse_adjacency, "110,11", "--adjacency must be square"),
-    (C.parse_adjacency, "120,111,011", "rows of 0/1 digits"),
+    (C.parse_adjacency, "110,11", "--adjacency: adjacency must be a square matrix"),
+    (C.parse_adjacency, "120,111,011", "--adjacency: adjacency entries must be 0 or 1"),
     (C.parse_segments, "12:20,x:6", "--segments must be an integer, got 'x'"),
     (C.parse_segments, "1:2:3:4", "PREFIX:LEN,LEN"),
     (C.parse_segments, "12:20,0:6", "--segments must be >= 1, got 0"),
@@ -132,7 +133,7 @@ def test_build_patterns_match_the_library():
     (["scenes", "--boundaries", "0,5,20"], "past the last latent frame"),
     (["radial", "--frames", "13"], "--tokens-per-frame is needed"),
     (["radial", "--video", "49x480x720", "--frames", "13"], "either --video or --frames"),
-    (["radial", "--video", "48x480x720"], "num_frames must be 1 \\+ a multiple"),
+    (["radial", "--video", "49x480x721"], "width must be a multiple of 16"),
     (["radial", "--decay", "fast"], "--decay must be a number"),
     (["segments"], "segments needs --segments"),
     (["window", "--length", "100", "--q-len", "200"], "--q-len must be <= the sequence"),
@@ -177,18 +178,6 @@ def test_show_bad_values_exit_2_with_one_line(capsys, tmp_path):
 
 
 # -- demo pieces ---------------------------------------------------------------------------
-def test_reference_rows_matches_flexsparse_reference():
-    seg = fs.SegmentLayout(prefix=5, segments=[30, 20], suffix=7)
-    m = masks.segments(seg) | masks.kv_prefix(0)
-    q, k, v = (torch.randn(1, 2, 62, 16) for _ in range(3))
-    for q_rows in (62, 9):
-        want = fs.reference(q[:, :, -q_rows:], k, v, m)
-        got = demo.reference_rows(q[:, :, -q_rows:], k, v, m, rows_per_chunk=16)
-        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
-    empty = masks.causal() & ~masks.causal()  # every row fully masked: zeros, not NaN
-    assert demo.reference_rows(q, k, v, empty).abs().max() == 0
-
-
 def test_markdown_table_and_sections():
     table = demo.markdown_table(["a", "bb"], [["1", "2"], ["333", "4"]])
     assert table.splitlines() == ["| a   | bb |", "|-----|----|", "| 1   | 2  |",
@@ -201,6 +190,10 @@ def test_markdown_table_and_sections():
         assert fn is None and "no_such_module" in why
         with pytest.raises(ValueError, match="module:function"):
             demo.register_section("x", "nocolon")
+        seen = []
+        demo.register_section("inline", lambda ctx: seen.append(ctx) or demo.SectionResult("t"))
+        fn, why = demo._load(demo.SECTIONS[-1][1])
+        assert why == "" and fn("ctx").title == "t" and seen == ["ctx"]
     finally:
         demo.SECTIONS[:] = before
 
@@ -215,8 +208,9 @@ def test_subprocess_show_good_and_bad(tmp_path):
     assert mpimg.imread(out).shape[:2] == (640, 600)
     res = run_cli("show", "scenes", "--boundaries", "0,5,9", "--adjacency", "110,11")
     assert res.returncode == 2
-    assert res.stderr.strip().splitlines() == [
-        "flexsparse show: error: --adjacency must be square (2 rows of 2 digits), got '110,11'"]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "flexsparse show: error: --adjacency: adjacency must be a square matrix")
     assert "Traceback" not in res.stderr
 
 
@@ -257,3 +251,133 @@ def test_demo_bad_arguments_and_help(tmp_path, capsys):
             cli.main([cmd, "--help"])
         assert exc.value.code == 0
         assert f"usage: flexsparse {cmd}" in capsys.readouterr().out
+
+
+# -- the CLI promise: one line, never a traceback -------------------------------------------
+def one_line_error(capsys, argv, code=2):
+    """Run ``argv`` in-process; the exit code and the single stderr line."""
+    assert cli.main([str(a) for a in argv]) == code
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["show", "radial", "--decay", "inf"], "--decay must be a finite number, got 'inf'"),
+    (["show", "radial", "--decay", "-1"], "--decay must be > 0, got -1"),
+    (["show", "window", "--window", str(10**23)],
+     "--window must be <= 1,048,576 tokens (the limit of this command), got 100,000,000,"),
+    (["show", "causal", "--length", str(10**11)], "--length must be <= 1,048,576 tokens"),
+    (["show", "radial", "--frames", "1000000", "--tokens-per-frame", "1000000"],
+     "is over the limit of 1,048,576 tokens"),
+    (["show", "segments", "--segments", "0:600000,600000:0"], "the limit is 1,048,576"),
+    (["show", "causal", "--length", "100000", "--tile", "1"],
+     "--tile 1 gives 10,000,000,000 tiles for 100,000 x 100,000 tokens; the limit is"),
+    (["show", "radial", "--video", "49x7x720"], "--video: height must be a multiple of 16"),
+])
+def test_show_refuses_bad_values_before_allocating(capsys, argv, message):
+    assert message in one_line_error(capsys, argv)
+
+
+def test_spec_files_nested_or_huge(tmp_path, capsys):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    assert "is nested too deeply to be a spec" in one_line_error(
+        capsys, ["show", "--spec", deep])
+    big = tmp_path / "big.json"
+    big.write_text(" " * (C.MAX_SPEC_BYTES + 1) + "{}")
+    assert f"is {C.MAX_SPEC_BYTES + 3:,} bytes; the limit is" in one_line_error(
+        capsys, ["show", "--spec", big])
+    (tmp_path / "d.json").mkdir()
+    assert "is a directory" in one_line_error(capsys, ["show", "--spec", tmp_path / "d.json"])
+
+
+def test_tokenizer_path_that_is_not_a_directory_never_reaches_the_hub(tmp_path, capsys,
+                                                                      monkeypatch):
+    import transformers
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("AutoTokenizer.from_pretrained must not be called")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_hub)
+    (tmp_path / "q.json").write_text(json.dumps({"paraphrases": ["a b"]}))
+    for tok in (tmp_path / "q.json", "gpt2"):  # a file; a hub name
+        line = one_line_error(capsys, ["show", "segments", "--tokenizer", tok,
+                                       "--prompt-json", tmp_path / "q.json"])
+        assert "--tokenizer must be a local tokenizer directory" in line
+
+
+def test_outputs_and_devices_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    inp = tmp_path / "q.jsonl"
+    inp.write_text(json.dumps({"id": 1, "paraphrases": ["x"]}) + "\n")
+    model = tmp_path / "model"  # empty: loading it would fail with another message
+    model.mkdir()
+    ens = ["ensemble", "--model", model, "--input", inp]
+    assert f"--output {str(tmp_path)!r} is a directory" in one_line_error(
+        capsys, [*ens, "--output", tmp_path])
+    assert "--device cuda: CUDA is not available" in one_line_error(
+        capsys, [*ens, "--output", tmp_path / "a.jsonl", "--device", "cuda"])
+    assert "--stop must be a non-empty string" in one_line_error(
+        capsys, [*ens, "--output", tmp_path / "a.jsonl", "--stop", ""])
+    data = tmp_path / "d.txt"
+    data.write_text("hello\n")
+    tune = ["tune", "--model", model, "--data", data]
+    (tmp_path / "x.safetensors").mkdir()
+    assert f"--out {str(tmp_path / 'x.safetensors')!r} is a directory" in one_line_error(
+        capsys, [*tune, "--out", tmp_path / "x.safetensors"])
+    assert "--out must end in .safetensors" in one_line_error(
+        capsys, [*tune, "--out", tmp_path / "p.pt"])
+    assert "--device cuda: CUDA is not available" in one_line_error(
+        capsys, [*tune, "--out", tmp_path / "p.safetensors", "--device", "cuda"])
+    assert "--l1 must be a finite number" in one_line_error(
+        capsys, [*tune, "--out", tmp_path / "p.safetensors", "--l1", "nan"])
+    assert "--model must be a saved model directory" in one_line_error(
+        capsys, ["tune", "--model", data, "--data", data, "--out", tmp_path / "p.safetensors"])
+    assert "--device cuda: CUDA is not available" in one_line_error(
+        capsys, ["demo", "--device", "cuda", "-o", tmp_path / "demo"])
+
+
+def test_programming_errors_keep_their_traceback(monkeypatch, tmp_path):
+    """Only argument checks become one-line exits: a ValueError from the work itself (a
+    bug) propagates."""
+    from flexsparse import viz
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug inside plot_mask")
+
+    monkeypatch.setattr(viz, "plot_mask", broken)
+    with pytest.raises(ValueError, match="a bug inside plot_mask"):
+        cli.main(["show", "causal", "--length", "64", "-o", str(tmp_path / "m.png")])
+    with pytest.raises(TypeError, match="bad"):
+        with cli.user_input("--x"):
+            pass
+        raise TypeError("bad")  # outside the block: untouched
+    with pytest.raises(UsageError, match="^--x: n must be >= 1, got 0$"):
+        with cli.user_input("--x"):
+            raise ValueError("n must be >= 1, got 0")
+
+
+def test_token_level_falls_back_to_tiles_above_the_limit(tmp_path, capsys, monkeypatch):
+    from flexsparse import viz
+    from flexsparse.commands import show
+    from flexsparse.mask import Mask
+
+    assert show.TOKEN_LEVEL_MAX == viz.TOKEN_LEVEL_MAX
+    with pytest.raises(ValueError, match="level='token' draws at most 16,777,216 pairs"):
+        viz.render(masks.causal(), 4097, 4097, level="token")
+
+    def no_dense(*args, **kwargs):
+        raise AssertionError("the dense mask must not be built")
+
+    monkeypatch.setattr(Mask, "to_dense", no_dense)
+    out = tmp_path / "big.png"
+    assert cli.main(["show", "causal", "--length", "5000", "--level", "token", "-o",
+                     str(out)]) == 0
+    text = capsys.readouterr().out
+    assert ("level    block (token level draws at most 16,777,216 pairs = 4096 x 4096; "
+            "this is 5,000 x 5,000)") in text
+    assert mpimg.imread(out).shape[:2] == (640, 600)
+    with pytest.raises(SystemExit):
+        cli.main(["show", "--help"])
+    assert "up to 4096 x 4096 pairs" in " ".join(capsys.readouterr().out.split())

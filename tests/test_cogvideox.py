@@ -1,9 +1,12 @@
-"""CogVideoX patch: a tiny random CogVideoXTransformer3DModel (saved and loaded back), the
-patched output against the stock processor (full mask) and against the stock processor run
-with the materialised dense mask as an additive float ``attention_mask`` (sparse masks).
+"""CogVideoX patch: a tiny random CogVideoXTransformer3DModel (saved and loaded back).
 
-Shapes: 25 pixel frames at 64 x 64 -> 7 latent frames x 16 tokens + 8 text = 120 tokens,
-batch 2 (CFG), 2 heads x 16. Tolerances: fp32 outputs agree within 2e-5 absolute
+The adapter contract (tests/test_models_base.py ``CHECKS``: keep-all = stock, unpatch bit
+for bit, radial = the stock processor with the mask as an additive float mask on flex and
+sdpa, dense layers / steps, a pipeline's step trace, layout mismatches, deep copies, fused
+QKV) runs on ``CASE``; CogVideoX's own cases follow.
+
+Shapes: 25 pixel frames at 64 x 64 -> 7 latent frames x 4 x 4 tokens + 8 text = 120
+tokens, batch 2 (CFG), 2 heads x 16. Tolerances: fp32 outputs agree within 1e-5 absolute
 (different summation orders of the same softmax), bf16 within 0.05 of fp32.
 """
 
@@ -22,11 +25,13 @@ from diffusers.models.embeddings import get_3d_rotary_pos_embed  # noqa: E402
 import flexsparse as fs  # noqa: E402
 from flexsparse.masks.radial import radial  # noqa: E402
 from flexsparse.models import cogvideox as cvx  # noqa: E402
-from flexsparse.models._patch import get_handle  # noqa: E402
+from flexsparse.models._video import TokenGrid  # noqa: E402
+from tests.test_models_base import CHECKS, AdapterCase, loaded  # noqa: E402
 
 FRAMES, HW, BLOCK = 25, 64, 16  # -> 7 latent frames of 4 x 4 patches, 8 text tokens
+GRID = TokenGrid(7, 4, 4)
 LAYOUT = fs.VideoLayout(frames=7, tokens_per_frame=16, text_tokens=8)
-ATOL = 2e-5
+ATOL = 1e-5
 BOUNDARIES = [0, 3, 5]
 ADJACENCY = [[1, 1, 0], [1, 1, 0], [0, 0, 1]]
 
@@ -42,33 +47,30 @@ def _config(**over):
     return cfg
 
 
-@pytest.fixture(scope="module")
-def transformer_dir(tmp_path_factory):
+def _build():
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("cogvideox") / "transformer"
-    CogVideoXTransformer3DModel(**_config()).save_pretrained(path)
-    return path
+    return CogVideoXTransformer3DModel(**_config())
 
 
-@pytest.fixture
-def transformer(transformer_dir):
-    return CogVideoXTransformer3DModel.from_pretrained(transformer_dir).eval()
-
-
-def _inputs(batch=2, frames=7, hw=8, dtype=torch.float32, seed=1):
+def _grid_inputs(grid: TokenGrid, batch=2, dtype=torch.float32, seed=1) -> dict:
+    """Latents ``(B, F, C, H, W)``, text and RoPE for a token grid (patch 2)."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, frames, 4, hw, hw, generator=g).to(dtype)
-    text = torch.randn(batch, 8, 16, generator=g).to(dtype)
-    grid = hw // 2
-    rope = get_3d_rotary_pos_embed(16, ((0, 0), (grid, grid)), (grid, grid), frames)
-    return x, text, rope
+    x = torch.randn(batch, grid.frames, 4, 2 * grid.height, 2 * grid.width, generator=g)
+    text = torch.randn(batch, 8, 16, generator=g)
+    size = (grid.height, grid.width)
+    rope = get_3d_rotary_pos_embed(16, ((0, 0), size), size, grid.frames)
+    return dict(hidden_states=x.to(dtype), encoder_hidden_states=text.to(dtype),
+                image_rotary_emb=rope)
+
+
+def _inputs(frames=7, dtype=torch.float32):
+    return _grid_inputs(TokenGrid(frames, 4, 4), dtype=dtype)
 
 
 def _forward(model, inputs, t=500):
-    x, text, rope = inputs
-    timestep = torch.full((x.shape[0],), t)
+    timestep = torch.full((inputs["hidden_states"].shape[0],), t)
     with torch.no_grad():
-        return model(x, text, timestep, image_rotary_emb=rope, return_dict=False)[0]
+        return model(**inputs, timestep=timestep, return_dict=False)[0]
 
 
 class MaskedStock:
@@ -100,6 +102,47 @@ def _reference(model, inputs, layer_masks, t=500):
     return out
 
 
+def _tiny_pipeline(transformer):
+    """A CogVideoXPipeline around ``transformer``: 1-layer T5, 4-level VAE, DDIM."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    torch.manual_seed(0)
+    words = "a cat dog runs on the beach at night red car fast".split()
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(f"▁{w}", -1.0) for w in words]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
+    text_encoder = T5EncoderModel(T5Config(
+        vocab_size=len(vocab), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+    ))
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+        latent_channels=4, layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
+    )
+    return CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                             transformer=transformer, scheduler=CogVideoXDDIMScheduler())
+
+
+CASE = AdapterCase(
+    module=cvx, build=_build, inputs=_grid_inputs, grid=GRID,
+    video=dict(num_frames=FRAMES, height=HW, width=HW), stock=CogVideoXAttnProcessor2_0,
+    masked_stock=MaskedStock, block_size=BLOCK, atol=ATOL, pipeline=_tiny_pipeline,
+    pipeline_call=dict(prompt="a cat", num_frames=FRAMES, height=HW, width=HW,
+                       num_inference_steps=3, max_sequence_length=8, output_type="latent",
+                       generator=torch.Generator().manual_seed(0)),
+)
+
+
+@pytest.fixture
+def transformer(tmp_path_factory):
+    return loaded(CASE, tmp_path_factory)
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
+def test_adapter_contract(transformer, check):
+    check(CASE, transformer)
+
+
 def _scenes_available() -> bool:
     try:
         from flexsparse.masks.scenes import scenes  # noqa: F401
@@ -114,8 +157,12 @@ def test_layout_from_config(transformer):
     assert cvx.layout_for(transformer, 49, 480, 720).length == 8 + 13 * 1350
     with pytest.raises(ValueError, match="height"):
         cvx.layout_for(transformer, FRAMES, 60, HW)
+    # the pipeline's rule (latent frames = (n - 1) // 4 + 1): 8 and 24 frames are valid
+    assert cvx.layout_for(transformer, 24, HW, HW).frames == 6
+    assert cvx.layout_for(transformer, 8, HW, HW).frames == 2
+    assert cvx.layout_for(transformer) == cvx.layout_for(transformer, 25, 64, 64)  # config
     with pytest.raises(ValueError, match="num_frames"):
-        cvx.layout_for(transformer, 24, HW, HW)
+        cvx.layout_for(transformer, 0, HW, HW)
 
 
 def test_layout_patch_size_t():
@@ -132,42 +179,31 @@ def test_layout_patch_size_t():
 
 
 # -- outputs -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["flex", "sdpa", "auto"])
-def test_full_mask_equals_stock(transformer, backend):
-    inputs = _inputs()
-    stock = _forward(transformer, inputs)
-    cvx.patch(transformer, fs.masks.full(), num_frames=FRAMES, height=HW, width=HW,
-              backend=backend)
-    out = _forward(transformer, inputs)
-    torch.testing.assert_close(out, stock, atol=ATOL, rtol=0)
-    cvx.unpatch(transformer)
-    procs = [b.attn1.processor for b in transformer.transformer_blocks]
-    assert all(type(p) is CogVideoXAttnProcessor2_0 for p in procs)
-    assert not hasattr(transformer, "_flexsparse_patch")
-    assert torch.equal(_forward(transformer, inputs), stock)
-
-
 def test_dense_pattern_is_stock_exactly(transformer):
+    """Through ``flexsparse.models.patch`` (dispatch on the class) and a pipeline."""
+    from flexsparse import models
+
     inputs = _inputs()
     stock = _forward(transformer, inputs)
-    handle = cvx.patch(transformer, pattern="dense", num_frames=FRAMES, height=HW, width=HW)
-    assert handle.mask_for_layer(1) is None
+    assert models.adapter_for(transformer) is cvx
+    handle = models.patch(transformer, pattern="dense", num_frames=FRAMES, height=HW, width=HW)
+    assert handle.mask_for_layer(1) is None and handle.kind == "cogvideox"
     assert torch.equal(_forward(transformer, inputs), stock)
+    models.unpatch(transformer)
+    assert not hasattr(transformer, "_flexsparse_patch")
 
 
-@pytest.mark.parametrize("backend", ["flex", "sdpa"])
-def test_radial_equals_masked_stock(transformer, backend):
-    inputs = _inputs()
-    mask = radial(LAYOUT, 1.0, block_size=BLOCK)
-    assert 0.2 < mask.density() < 0.6  # the test must exercise a sparse mask
-    ref = _reference(transformer, inputs, [mask, mask])
-    handle = cvx.patch(transformer, num_frames=FRAMES, height=HW, width=HW, backend=backend,
-                       block_size=BLOCK)
-    assert torch.equal(handle.mask_for_layer(0).to_dense(), mask.to_dense())
-    out = _forward(transformer, inputs)
-    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
-    # and the sparse result really differs from dense attention
-    assert (out - _reference(transformer, inputs, [None, None])).abs().max() > 1e-3
+def test_cogvideox15_token_grid_pads_frames():
+    """CogVideoX 1.5 (``patch_size_t=2``): the pipeline pads 7 latent frames to 8, so the
+    transformer sees 4 temporal patches; the layout and the pre-hook agree."""
+    class Cfg:
+        patch_size, patch_size_t = 2, 2
+
+    class T15:
+        config = Cfg()
+
+    latents = torch.zeros(1, 8, 4, 8, 8)
+    assert cvx.ADAPTER.token_grid(T15(), {"hidden_states": latents}) == TokenGrid(4, 4, 4)
 
 
 def test_scenes_and_radial_equal_masked_stock(transformer):
@@ -191,33 +227,6 @@ def test_scenes_and_radial_equal_masked_stock(transformer):
     assert torch.equal(handle.mask_for_layer(0).to_dense(), scene.to_dense())
 
 
-def test_dense_layers_and_timesteps_trace(transformer):
-    inputs = _inputs()
-    mask = radial(LAYOUT, 1.0, block_size=BLOCK)
-    stock_999 = _reference(transformer, inputs, [None, None], t=999)
-    mixed_600 = _reference(transformer, inputs, [None, mask], t=600)
-    handle = cvx.patch(transformer, num_frames=FRAMES, height=HW, width=HW, dense_layers=1,
-                       dense_timesteps=2, block_size=BLOCK)
-    assert handle.mask_for_layer(0) is None and handle.mask_for_layer(1) is not None
-    # timesteps of two generations; a repeated timestep is the same step (CFG run as two
-    # forwards), a rise starts a new generation
-    schedule = [999, 999, 800, 600, 400, 999, 700]
-    outs = []
-    with cvx.recording(transformer) as trace:
-        for t in schedule:
-            outs.append(_forward(transformer, inputs, t))
-    steps = [0, 0, 1, 2, 3, 0, 1]
-    expected = [(s, layer, "dense" if s < 2 or layer == 0 else "sparse")
-                for s in steps for layer in (0, 1)]
-    assert trace == expected
-    # values: step 0 is all dense; step 2 is dense block 0 + radial block 1
-    torch.testing.assert_close(outs[0], stock_999, atol=ATOL, rtol=0)
-    torch.testing.assert_close(outs[3], mixed_600, atol=ATOL, rtol=0)
-    assert (outs[3] - _reference(transformer, inputs, [None, None], t=600)).abs().max() > 1e-4
-    cvx.reset_steps(transformer)
-    assert get_handle(transformer).extra["steps"].step == 0
-
-
 def test_observer_sees_rope_applied_qkv(transformer):
     inputs = _inputs()
     handle = cvx.patch(transformer, num_frames=FRAMES, height=HW, width=HW, block_size=BLOCK)
@@ -235,8 +244,7 @@ def test_bf16_close_to_fp32(transformer):
     transformer.to(torch.bfloat16)
     cvx.patch(transformer, num_frames=FRAMES, height=HW, width=HW, backend="flex",
               block_size=BLOCK)
-    x, text, rope = inputs
-    out = _forward(transformer, (x.bfloat16(), text.bfloat16(), rope))
+    out = _forward(transformer, _inputs(dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.05)
 
@@ -274,16 +282,6 @@ def test_tuned_dynamic_mask_composes(transformer, monkeypatch):
 
 
 # -- errors -------------------------------------------------------------------------------------
-def test_wrong_resolution_is_a_clear_error(transformer):
-    cvx.patch(transformer, num_frames=FRAMES, height=HW, width=HW, block_size=BLOCK)
-    with pytest.raises(ValueError, match="built for 120 tokens.*got 72 tokens"):
-        _forward(transformer, _inputs(frames=4))
-    other = fs.VideoLayout(frames=4, tokens_per_frame=16, text_tokens=8)
-    with pytest.raises(ValueError, match="built for 72 tokens"):
-        cvx.patch(transformer, radial(other, block_size=BLOCK), num_frames=FRAMES,
-                  height=HW, width=HW)
-
-
 def test_bad_arguments(transformer):
     kw = dict(num_frames=FRAMES, height=HW, width=HW)
     with pytest.raises(ValueError, match="pattern"):
@@ -305,26 +303,10 @@ def test_bad_arguments(transformer):
 
 # -- the full pipeline through the CLI --------------------------------------------------------
 def _tiny_pipeline_dir(root):
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
-
     torch.manual_seed(0)
-    words = "a cat dog runs on the beach at night red car fast".split()
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(f"▁{w}", -1.0) for w in words]
-    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
-    text_encoder = T5EncoderModel(T5Config(
-        vocab_size=len(vocab), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-    ))
-    vae = AutoencoderKLCogVideoX(
-        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
-        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
-        latent_channels=4, layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
-    )
     transformer = CogVideoXTransformer3DModel(**_config(sample_width=4, sample_height=4,
                                                          sample_frames=9))
-    pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
-                             transformer=transformer, scheduler=CogVideoXDDIMScheduler())
-    pipe.save_pretrained(root)
+    _tiny_pipeline(transformer).save_pretrained(root)
     return root
 
 
@@ -364,9 +346,9 @@ def test_cli_scene_flags(tmp_path):
                               frame_units="pixel")
     assert video.scenes_arg(args) == dict(boundaries=[0, 3], adjacency=[[1, 0], [0, 1]],
                                           frame_units="pixel")
-    assert video.parse_adjacency("1,1,0;1,1,1;0,1,1") == [[1, 1, 0], [1, 1, 1], [0, 1, 1]]
-    with pytest.raises(video.UsageError, match="square"):
-        video.parse_adjacency("1,1;1")
+    assert video.C.parse_adjacency("1,1,0;1,1,1;0,1,1") == [[1, 1, 0], [1, 1, 1], [0, 1, 1]]
+    with pytest.raises(video.UsageError, match="--adjacency"):
+        video.C.parse_adjacency("1,1;1")
     with pytest.raises(video.UsageError, match="boundaries"):
         video.parse_boundaries("0,a")
     with pytest.raises(video.UsageError, match="together"):
@@ -386,6 +368,18 @@ def test_cli_usage_errors(tmp_path, capsys):
     rc = main(["video", "--model", str(tmp_path), "--prompt", "x", "--pattern", "scenes",
                "-o", str(tmp_path / "o.mp4")])
     assert rc == 2 and "--boundaries" in capsys.readouterr().err
+    # flags are checked before the model folder is even looked at (it has no index here)
+    for flags, needle in ((["--decay", "inf"], "--decay"), (["--frames", "0"], "--frames"),
+                          (["--height", "60"], "--height"),
+                          (["--tuned", str(tmp_path / "none.pt")], "--tuned")):
+        rc = main(["video", "--model", str(tmp_path), "--prompt", "x", *flags, "-o",
+                   str(tmp_path / "o.mp4")])
+        err = capsys.readouterr().err
+        assert rc == 2 and needle in err and "Traceback" not in err, err
+    (tmp_path / "model_index.json").write_text('{"_class_name": "NoSuchPipeline"}')
+    rc = main(["video", "--model", str(tmp_path), "--prompt", "x", "-o",
+               str(tmp_path / "o.mp4")])
+    assert rc == 2 and "NoSuchPipeline" in capsys.readouterr().err
 
 
 # -- CUDA (run by the lead on the GPU machine) ------------------------------------------------

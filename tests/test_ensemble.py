@@ -263,3 +263,73 @@ def test_cli_resume_bad_lines_and_output_kept(model_dir, tmp_path, capsys):
     assert cli_main(argv) == 0  # nothing left to do: file unchanged
     assert out.read_text().splitlines() == lines
     assert cli_main(["ensemble", "--input", str(inp)]) == 2
+
+
+def _cli_argv(model_dir, inp, out, method):
+    return ["ensemble", "--model", str(model_dir), "--input", str(inp), "--output", str(out),
+            "--method", method, "--max-new-tokens", "2", "--no-progress", "--paraphrases", "2"]
+
+
+def _records(out):
+    return [json.loads(line) for line in out.read_bytes().decode("utf-8").splitlines()]
+
+
+def test_cli_resume_is_per_method_and_survives_a_cut_utf8_line(model_dir, tmp_path, capsys):
+    inp, out = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    _write(inp, [json.dumps({"id": f"q{i}", "paraphrases": p}) for i, p in enumerate(QUESTIONS)])
+    assert cli_main(_cli_argv(model_dir, inp, out, "flex")) == 0
+    # another method on the same output answers every question again
+    assert cli_main(_cli_argv(model_dir, inp, out, "avg")) == 0
+    recs = _records(out)
+    assert sorted((r["id"], r["method"]) for r in recs) == [
+        ("q0", "avg"), ("q0", "flex"), ("q1", "avg"), ("q1", "flex")]
+    assert "| answered | 2 |" in capsys.readouterr().out  # the avg summary counts avg only
+    # a crash cut the last record inside a two-byte character: its question is redone
+    last = json.dumps({"id": "q1", "method": "flex", "prediction": "café"},
+                      ensure_ascii=False).encode("utf-8")
+    kept = [line for line in out.read_bytes().splitlines()
+            if not (b'"q1"' in line and b'"flex"' in line)]
+    out.write_bytes(b"\n".join(kept) + b"\n" + last[: last.index("é".encode()) + 1])
+    assert cli_main(_cli_argv(model_dir, inp, out, "flex")) == 0
+    err = capsys.readouterr().err
+    assert f"{out}:4: warning: not UTF-8 text" in err and "answered again" in err
+    lines = out.read_bytes().splitlines()
+    assert lines[3] == last[: last.index("é".encode()) + 1]  # left in place, never removed
+    redone = [json.loads(line) for line in lines[4:]]
+    assert [(r["id"], r["method"]) for r in redone] == [("q1", "flex")]
+
+
+def test_cli_file_size_limit_leaves_whole_lines_and_resumes(model_dir, tmp_path):
+    """RLIMIT_FSIZE hit mid-run (a subprocess: the limit must not touch pytest's own
+    files): one line on stderr, exit 1, no half record; a second run completes the file."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    inp, out = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    many = [json.dumps({"id": f"q{i}", "paraphrases": QUESTIONS[i % 2]}) for i in range(6)]
+    _write(inp, many)
+    argv = [sys.executable, "-m", "flexsparse", *_cli_argv(model_dir, inp, out, "origin"),
+            "--batch-size", "1"]
+    limit = 700  # a record is about 250 bytes: room for two, the third is cut
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = dict(os.environ, PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=env,
+                         preexec_fn=small_files)
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    error = [line for line in res.stderr.splitlines() if "error" in line]
+    assert error == [f"flexsparse ensemble: error: File too large: {str(out)!r}"]
+    data = out.read_bytes()
+    assert 0 < len(data) <= limit and data.endswith(b"\n")
+    first = [json.loads(line) for line in data.splitlines()]
+    assert 1 <= len(first) < 6
+    # resumed in-process (a second interpreter start costs ~15 s on 2 cores)
+    assert cli_main([*_cli_argv(model_dir, inp, out, "origin"), "--batch-size", "1"]) == 0
+    recs = _records(out)
+    assert recs[: len(first)] == first
+    assert sorted(r["id"] for r in recs) == [f"q{i}" for i in range(6)]

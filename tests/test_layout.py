@@ -13,6 +13,15 @@ import flexsparse as fs
         ("cogvideox", (97, 480, 720), (25, 1350, 226, "start", 33976)),
         ("hunyuan", (117, 768, 1280), (30, 3840, 256, "end", 115456)),
         ("wan", (69, 768, 1280), (18, 3840, 0, "end", 69120)),
+        # checked against diffusers' configs: VAE scale factors, patch_size(_t), text
+        ("cogvideox", (8, 480, 720), (2, 1350, 226, "start", 2926)),  # pipelines floor
+        ("cogvideox1.5", (81, 768, 1360), (11, 4080, 226, "start", 45106)),  # 21 -> 22 / 2
+        ("cogvideox1.5", (85, 768, 1360), (11, 4080, 226, "start", 45106)),
+        ("hunyuan_video", (117, 768, 1280), (30, 3840, 256, "end", 115456)),
+        ("hunyuan_video", (129, 720, 1280), (33, 3600, 256, "end", 119056)),
+        ("wan2.1", (81, 720, 1280), (21, 3600, 0, "end", 75600)),
+        ("wan", (81, 480, 832), (21, 1560, 0, "end", 32760)),
+        ("wan2.2-5b", (121, 704, 1280), (31, 880, 0, "end", 27280)),
     ],
 )
 def test_from_video(model, video, expected):
@@ -79,10 +88,15 @@ def test_layout_errors():
         fs.VideoLayout(frames=2, tokens_per_frame=4, text_position="middle")
     with pytest.raises(ValueError, match="model must be one of"):
         fs.VideoLayout.from_video(49, 480, 720, model="sora")
-    with pytest.raises(ValueError, match="num_frames must be 1 \\+ a multiple"):
-        fs.VideoLayout.from_video(50, 480, 720)
     with pytest.raises(ValueError, match="height must be a multiple of 16"):
         fs.VideoLayout.from_video(49, 481, 720)
+    with pytest.raises(ValueError, match="width must be a multiple of 32 .*'wan2.2-5b'"):
+        fs.VideoLayout.from_video(121, 704, 1296, "wan2.2-5b")
+    for name in ("patch_size", "spatial_compression", "temporal_compression"):
+        with pytest.raises(ValueError, match=f"{name} must be >= 1, got 0"):
+            fs.VideoLayout.from_video(49, 480, 720, **{name: 0})
+    with pytest.raises(ValueError, match="text_position must be one of"):
+        fs.VideoLayout.from_video(49, 480, 720, text_position="")
     with pytest.raises(ValueError, match=r"segments\[1\] must be >= 1"):
         fs.SegmentLayout(prefix=1, segments=[3, 0])
     with pytest.raises(TypeError, match="segments must be a list"):

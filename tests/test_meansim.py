@@ -433,7 +433,7 @@ def test_block_stats_equal_reference_with_partial_blocks():
 
 def test_compile_policy(monkeypatch):
     mod = __import__("sys").modules["flexsparse.masks.meansim"]
-    monkeypatch.setattr(mod, "_seen", {})
+    monkeypatch.setattr(mod, "_seen", __import__("collections").OrderedDict())
     monkeypatch.setattr(mod, "_compiled_keys", set())
     q, k = torch.zeros(1, 1, 8, 4), torch.zeros(1, 1, 16, 4)
     monkeypatch.delenv("FLEXSPARSE_COMPILE", raising=False)
@@ -444,3 +444,19 @@ def test_compile_policy(monkeypatch):
     assert mod._want_compile(k, k, "c")  # q_len == kv_len: compiled at once
     monkeypatch.setenv("FLEXSPARSE_COMPILE", "0")
     assert not mod._want_compile(k, k, "c")
+
+
+def test_seen_shapes_are_bounded(monkeypatch):
+    """A decode loop brings a new shape every step: the memory of shapes stays bounded and
+    a shape that repeats still compiles."""
+    mod = __import__("sys").modules["flexsparse.masks.meansim"]
+    monkeypatch.setattr(mod, "_seen", __import__("collections").OrderedDict())
+    monkeypatch.setattr(mod, "_compiled_keys", set())
+    monkeypatch.setattr(mod, "_COMPILE_BUDGET", 1)
+    monkeypatch.setenv("FLEXSPARSE_COMPILE", "1")
+    q, k = torch.zeros(1, 1, 8, 4), torch.zeros(1, 1, 16, 4)
+    for step in range(mod._SEEN_LIMIT * 3):
+        assert not mod._want_compile(q, k, ("decode", step))
+    assert len(mod._seen) == mod._SEEN_LIMIT
+    assert ("decode", 0) not in mod._seen and ("decode", 3 * mod._SEEN_LIMIT - 1) in mod._seen
+    assert mod._want_compile(q, k, ("decode", 3 * mod._SEEN_LIMIT - 1))  # seen twice

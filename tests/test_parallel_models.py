@@ -67,7 +67,7 @@ def _check_cogvideox(group) -> None:
         kw = dict(pattern="radial", num_frames=FRAMES, height=HW, width=HW, block_size=16,
                   backend=backend)
         handle = cvx.patch(model, **kw)
-        assert handle.extra["layout"].length % WORLD  # uneven shards
+        assert handle.state.settings.layout.length % WORLD  # uneven shards
         single = _cogvideox_forward(model)
         cvx.patch(model, parallel=group, **kw)  # replaces the earlier patch
         out = _cogvideox_forward(model)

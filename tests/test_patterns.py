@@ -92,6 +92,14 @@ def ref_radial_map(layout, decay, model, block):
     return out
 
 
+def ref_with_own_tokens(ref, layout, block):
+    """The published map plus, for every video token ``i``, the tile of the pair (i, i)."""
+    out = ref.clone()
+    for i in range(layout.video_start, layout.video_start + layout.video_tokens):
+        out[i // block, i // block] = True
+    return out
+
+
 RADIAL_CONFIGS = [
     # frames, tokens per frame, text tokens, text position
     (5, 100, 0, "end"),  # T < B, no text
@@ -107,10 +115,13 @@ RADIAL_CONFIGS = [
 def test_radial_block_map_equals_original(config, block):
     layout = fs.VideoLayout(*config)
     for model, decay in itertools.product(("cogvideox", "hunyuan", "wan"), (1.0, 0.3, 2.5)):
-        mask = masks.radial(layout, decay, model, block)
+        mask = masks.radial(layout, decay, model, block, keep_diagonal=False)
         fast = mask.block_map(layout.length, layout.length, block_size=block)
         ref = ref_radial_map(layout, decay, model, block)
         assert torch.equal(fast, ref), (config, block, model, decay)
+        kept = masks.radial(layout, decay, model, block).block_map(layout.length,
+                                                                   layout.length, block)
+        assert torch.equal(kept, ref_with_own_tokens(ref, layout, block))
 
 
 @pytest.mark.parametrize("layout, model, decay, block", [
@@ -120,8 +131,8 @@ def test_radial_block_map_equals_original(config, block):
     (fs.VideoLayout(3, 3840, 0, "end"), "wan", 0.2, 64),  # Wan 2.1 frames
 ])
 def test_radial_block_map_realistic_frames_equal_original(layout, model, decay, block):
-    fast = masks.radial(layout, decay, model, block).block_map(layout.length, layout.length,
-                                                               block)
+    fast = masks.radial(layout, decay, model, block, keep_diagonal=False).block_map(
+        layout.length, layout.length, block)
     assert torch.equal(fast, ref_radial_map(layout, decay, model, block))
 
 
@@ -418,7 +429,7 @@ def test_bad_parameters_raise_clear_errors():
         masks.scenes(layout, [0, 2, 4], eye, text="local")
     with pytest.raises(ValueError, match="frame_units must be one of"):
         masks.scenes(layout, [0, 2, 4], eye, frame_units="seconds")
-    with pytest.raises(TypeError, match="adjacency must be a boolean matrix"):
+    with pytest.raises(ValueError, match="adjacency row 'abc' is not a row of 0/1"):
         masks.scenes(layout, [0, 2, 4], "abc")
     with pytest.raises(TypeError, match="seg_layout must be a flexsparse.SegmentLayout"):
         masks.segments(layout)

@@ -13,8 +13,16 @@ import pytest
 import torch
 
 import flexsparse as fs
-from flexsparse.kernels import mask_tiles, quant_reference, quantize_blocks, supports, to_fp8
-from flexsparse.kernels.quant import k_mean, v_channel_scale
+from flexsparse import masks
+from flexsparse.call import AttentionCall
+from flexsparse.kernels import (
+    QuantBackend,
+    quant_reference,
+    quantize_blocks,
+    tile_lists,
+    to_fp8,
+)
+from flexsparse.kernels.quant import _pack_bits, k_mean, v_channel_scale
 
 
 def rel_l2(a, b):
@@ -137,33 +145,87 @@ def test_reference_tiles_match_mask():
     kept[0, 1] = False  # a query tile with no key: zeros, not NaN
     kept[1:, :, 0] = True
     mask = fs.Mask.from_tiles(kept, 128)
-    n_partial, kept_t, num, idx = mask_tiles(mask, 400, 400, "cpu")
-    assert n_partial == 0 and torch.equal(kept_t[0], kept)
-    assert num.shape == (1, 3, 4) and idx.shape == (1, 3, 4, 4)
-    out = quant_reference(q, k, v, kept=kept_t, pv_dtype="fp16")
+    lists = tile_lists(mask.block_mask(400, 400, heads=3, block_size=128))
+    assert lists.n_partial == 0 and lists.full_num.shape == (1, 3, 4)
+    assert torch.equal(lists.full_num[0], kept.sum(-1, dtype=torch.int32))
+    out = quant_reference(q, k, v, kept=kept[None], pv_dtype="fp16")
     exact = fs.reference(q, k, v, mask)
     assert (out[0, 0, 128:256] == 0).all()
     assert rel_l2(out, exact) <= 3e-2 and cosine(out, exact) >= 0.999
-    # skipping means skipping: garbage in dropped tiles' keys changes nothing
-    k2, v2 = k.clone(), v.clone()
-    dropped_cols = ~kept.any(1).any(0)  # key tiles no head/row keeps
-    if dropped_cols.any():
-        j = int(dropped_cols.nonzero()[0])
-        k2[..., j * 128:(j + 1) * 128, :] = 1e3
-        v2[..., j * 128:(j + 1) * 128, :] = 1e3
-        # K smoothing uses the mean over all tokens: it shifts every score of a row equally
-        out2 = quant_reference(q, k2, v2, kept=kept_t, pv_dtype="fp16")
-        assert torch.isfinite(out2).all()
+    # a tile map and the same pairs as an element mask are one computation
+    assert torch.equal(out, quant_reference(q, k, v, mask=mask.to_dense(400, 400),
+                                            pv_dtype="fp16"))
     dense_ref = quant_reference(q, k, v, pv_dtype="fp16")
     assert not torch.allclose(dense_ref, out)
 
 
-def test_partial_masks_are_counted():
-    window = fs.masks.sliding_window(100)
-    assert mask_tiles(window, 512, 512, "cpu")[0] > 0
-    # the same tiles at 64 are partial at 128
-    kept64 = torch.eye(8, dtype=torch.bool)
-    assert mask_tiles(fs.Mask.from_tiles(kept64, 64), 512, 512, "cpu")[0] > 0
+def test_pack_bits_layout():
+    kept = torch.rand(3, 5, 64, generator=torch.Generator().manual_seed(2)) < 0.5
+    words = _pack_bits(kept)
+    assert words.dtype == torch.int32 and words.shape == (3, 5, 2)
+    unpacked = (words[..., None] >> torch.arange(32)) & 1
+    assert torch.equal(unpacked.bool().reshape(3, 5, 64), kept)
+    assert _pack_bits(torch.ones(1, 1, 32, dtype=torch.bool)).item() == -1  # bit 31 set
+
+
+def lists_to_dense(lists, nq, nk):
+    """The pairs the kernel computes, rebuilt from the lists and bits (the kernel's view)."""
+    bq, bk = lists.tile
+    bm_, hm, qb = lists.full_num.shape
+    kb = -(-nk // bk)
+    out = torch.zeros(bm_, hm, qb * bq, kb * bk, dtype=torch.bool)
+    for b in range(bm_):
+        for h in range(hm):
+            for i in range(qb):
+                rows = slice(i * bq, (i + 1) * bq)
+                for t in lists.full_idx[b, h, i, : lists.full_num[b, h, i]].tolist():
+                    out[b, h, rows, t * bk:(t + 1) * bk] = True
+                first = int(lists.part_off[b, h, i])
+                for j, t in enumerate(lists.part_idx[b, h, i, : lists.part_num[b, h, i]]):
+                    w = lists.bits[first + j]
+                    bits = ((w[..., None] >> torch.arange(32)) & 1).bool().reshape(bq, bk)
+                    out[b, h, rows, int(t) * bk:(int(t) + 1) * bk] = bits
+    return out[..., :nq, :nk]
+
+
+def partial_patterns():
+    lay = fs.VideoLayout(frames=5, tokens_per_frame=100, text_tokens=30, text_position="start")
+    seg = fs.SegmentLayout(prefix=40, segments=[100, 90, 120], suffix=50)
+    return [
+        ("radial_token", masks.radial(lay, 1.0, "cogvideox", granularity="token"), 530, 530),
+        ("segments", masks.segments(seg), 400, 400),
+        ("causal_document", masks.document([100, 150, 130]), 380, 380),
+        ("composed", masks.causal() & masks.sliding_window(100) | masks.kv_prefix(30), 300, 450),
+    ]
+
+
+@pytest.mark.parametrize("tile", [(128, 128), (128, 64)])
+@pytest.mark.parametrize("case", partial_patterns(), ids=lambda c: c[0])
+def test_tile_lists_are_the_mask(case, tile):
+    """Full tiles + the packed bits of partial tiles = the mask, pair for pair (also for
+    q_len < kv_len), and the lists are cached with the BlockMask."""
+    _, mask, nq, nk = case
+    bm = mask.block_mask(nq, nk, block_size=tile)
+    lists = tile_lists(bm)
+    assert lists.tile == tile and lists.n_partial > 0
+    assert lists.bits.shape == (lists.n_partial, 128, tile[1] // 32)
+    assert torch.equal(lists_to_dense(lists, nq, nk)[0, 0], mask.to_dense(nq, nk))
+    assert tile_lists(bm) is lists
+
+
+def test_reference_partial_mask_vs_dense():
+    _, mask, nq, nk = partial_patterns()[3]
+    q, k, v = rand_qkv(1, 4, 2, nq, nk, 64, seed=11)
+    out = quant_reference(q, k, v, mask=mask.to_dense(nq, nk), tile_n=64, pv_dtype="fp16")
+    exact = fs.reference(q, k, v, mask)
+    assert rel_l2(out, exact) <= 3e-2 and cosine(out, exact) >= 0.999
+    # rows with no kept key are zeros, never NaN
+    empty = torch.zeros(nq, nk, dtype=torch.bool)
+    empty[:, 200:] = True
+    out = quant_reference(q, k, v, mask=empty & mask.to_dense(nq, nk), pv_dtype="fp16")
+    assert torch.isfinite(out).all()
+    dead = ~(empty & mask.to_dense(nq, nk)).any(-1)
+    assert dead.any() and (out[:, :, dead] == 0).all()
 
 
 def test_pvthreshd_rule():
@@ -193,14 +255,33 @@ def test_pvthreshd_rule():
 # -- support decisions and errors -------------------------------------------------------------
 
 
-def test_supports_and_dispatch_on_cpu():
+def test_backend_reasons_on_cpu():
     q, k, v = rand_qkv(1, 2, 2, 256, 256, 64, seed=7)
-    assert "CUDA" in supports(q, k, None)
-    kept = torch.ones(2, 2, dtype=torch.bool)
-    mask = fs.Mask.from_tiles(kept, 128)
-    assert fs.explain(q, k, v, mask).backend != "quant"
-    with pytest.raises(ValueError, match="quant"):
-        fs.attention(q, k, v, mask, backend="quant")
+    mask = fs.Mask.from_tiles(torch.ones(2, 2, dtype=torch.bool), 128)
+    backend = QuantBackend()
+    assert backend.name == "quant"
+    reasons = backend.not_supported_reasons(AttentionCall(q, k, v, mask, 0.125, False))
+    assert reasons and "CUDA" in reasons[0]
+
+
+def test_kernels_do_not_import_attention():
+    """One way down: attention imports the backends, never the reverse."""
+    import ast
+
+    folder = os.path.join(os.path.dirname(fs.__file__), "kernels")
+    imported = set()
+    for name in os.listdir(folder):
+        if name.endswith(".py"):
+            tree = ast.parse(open(os.path.join(folder, name)).read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom):
+                    imported.add(("." * node.level) + (node.module or ""))
+                    imported.update(f"{node.module}.{a.name}" for a in node.names)
+                elif isinstance(node, ast.Import):
+                    imported.update(a.name for a in node.names)
+    assert imported  # the walk saw the imports
+    assert not {m for m in imported if m.endswith("attention") and "flex_attention" not in m
+                and "quant_attention" not in m}
 
 
 @pytest.mark.parametrize(
@@ -211,6 +292,9 @@ def test_supports_and_dispatch_on_cpu():
         (dict(pvthreshd=[1.0, 2.0, 3.0]), "pvthreshd"),
         (dict(pvthreshd=-1.0), "pvthreshd"),
         (dict(kept=torch.ones(1, 1, 3, 3, dtype=torch.bool)), "kept"),
+        (dict(tile_n=32), "tile_n"),
+        (dict(tile_n=64, block_n=128), "block_n"),
+        (dict(mask=torch.ones(3, 3, dtype=torch.bool)), "mask"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -233,6 +317,7 @@ def test_bad_shapes():
 _INTERP = textwrap.dedent(
     """
     import torch
+    from flexsparse import masks
     from flexsparse.kernels import quant_attention, quant_reference
 
     def rel(a, b):
@@ -246,22 +331,29 @@ _INTERP = textwrap.dedent(
         (1, 2, 2, 100, 260, True, False, None),
         (1, 2, 1, 200, 200, False, True, None),
         (1, 2, 2, 150, 300, False, False, [0.0, 4.0]),
+        (1, 2, 1, 300, 300, False, "partial", None),
     ]
     for b, hq, hkv, nq, nk, causal, tiles, thr in cases:
         q = torch.randn(b, hq, nq, 64, generator=g).half()
         k = torch.randn(b, hkv, nk, 64, generator=g).half()
         v = torch.randn(b, hkv, nk, 64, generator=g).half()
-        kept = None
-        if tiles:
+        kept = bm = None
+        if tiles == "partial":
+            bm = (masks.causal() & masks.sliding_window(90)).block_mask(
+                nq, nk, block_size=(128, 64))
+        elif tiles:
             kept = torch.rand(1, hq, -(-nq // 128), -(-nk // 128), generator=g) < 0.6
             kept[0, 0, 0] = False
         kw = dict(causal=causal, kept=kept, pvthreshd=thr, pv_dtype="fp16")
-        out = quant_attention(q, k, v, **kw)
-        ref = quant_reference(q, k, v, **kw)
+        if bm is not None:
+            out = quant_attention(q, k, v, block_mask=bm, pv_dtype="fp16")
+            dense = (masks.causal() & masks.sliding_window(90)).to_dense(nq, nk)
+            ref = quant_reference(q, k, v, mask=dense, tile_n=64, pv_dtype="fp16")
+        else:
+            out = quant_attention(q, k, v, **kw)
+            ref = quant_reference(q, k, v, **kw)
         assert torch.isfinite(out).all()
         worst = max(worst, rel(out, ref))
-        if thr is not None:  # the branch form of the pvthreshd skip
-            worst = max(worst, rel(quant_attention(q, k, v, pvt_branch=True, **kw), ref))
     print("WORST", worst)
     """
 )

@@ -1,7 +1,6 @@
 """`flexsparse show tuned` and `show segments` of a real packed prompt."""
 
 import json
-from pathlib import Path
 
 import matplotlib.image as mpimg
 import pytest
@@ -11,17 +10,31 @@ from flexsparse import masks
 from flexsparse.cli import main
 from flexsparse.ensemble import PromptPacker
 from flexsparse.models import tiny
+from flexsparse.tune.params import spargeattn_example_path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-SPARGE = SHARED / "data/spargeattn_cogvideox-2b_l1-0.06_pv-0.07.pt"
+#: SpargeAttn's tuned CogVideoX-2b parameters, shipped in the package (flexsparse/data).
+SPARGE = spargeattn_example_path()
 
 
 def test_show_tuned_spargeattn_file(tmp_path, capsys):
+    """The file records thresholds, not sparsity, for its 812 sparse heads: the picture
+    draws the thresholds and marks the unknown sparsity, and the output says so."""
+    from flexsparse import tune, viz
+
+    params = tune.load_params(SPARGE)
     out = tmp_path / "heads.png"
-    assert main(["show", "tuned", str(SPARGE), "--field", "cdfthreshd", "-o", str(out)]) == 0
+    assert main(["show", "tuned", str(SPARGE), "-o", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "30 layers x 30 heads" in printed
-    assert mpimg.imread(out).shape[:2] == (1000, 1200)
+    assert "sparsity: unknown for 812 of 900 heads (not recorded in the file" in printed
+    img = mpimg.imread(out)
+    fig = viz.plot_tuned(params)
+    assert img.shape[:2] == tuple(reversed(fig.canvas.get_width_height()))
+    assert [ax.get_xlabel() for ax in fig.axes[:3]] == ["head"] * 3
+    assert "sparsity not recorded for 812 heads" in fig.get_suptitle()
+    out = tmp_path / "cdf.png"
+    assert main(["show", "tuned", str(SPARGE), "--field", "cdfthreshd", "-o", str(out)]) == 0
+    assert mpimg.imread(out).shape[0] > 300
 
 
 def test_show_tuned_needs_a_file(capsys):

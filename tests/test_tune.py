@@ -2,7 +2,6 @@
 (ours and SpargeAttn's), the tuner on a patched tiny LLaMA and the ``tune`` command."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +10,8 @@ import flexsparse as fs
 from flexsparse import masks, tune
 from flexsparse.cli import main
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-SPARGE = SHARED / "data/spargeattn_cogvideox-2b_l1-0.06_pv-0.07.pt"
+# SpargeAttn's published CogVideoX-2b parameters, shipped in flexsparse/data
+SPARGE = tune.spargeattn_example_path()
 BQ, BK, D = 32, 16, 32
 GRID = (-0.5, 0.0, 0.5, 0.9)
 
@@ -157,13 +156,38 @@ def test_save_load_round_trip(tmp_path):
     assert isinstance(back, tune.TunedParams)
 
 
+def test_every_saved_file_loads_back(tmp_path):
+    # the header length's low byte takes every value as the model name grows, 0x80 and
+    # b"P" included, which a first-byte sniff read as a pickle or a zip
+    small = dict(simthreshd1=[[0.5]], cdfthreshd=[[0.9]], pvthreshd=[[50.0]],
+                 is_sparse=[[True]], sparsity=[[0.25]])
+    low_bytes = set()
+    for n in range(401):
+        params = tune.TunedParams(**small, model="m" * n)
+        path = params.save(tmp_path / f"p{n}.safetensors")
+        low_bytes.add(path.read_bytes()[0])
+        assert tune.file_format(path) == "safetensors"
+        back = tune.load_params(path)
+        assert back.model == "m" * n and back.header() == params.header()
+        assert torch.equal(back.cdfthreshd, params.cdfthreshd)
+    assert {0x80, ord("P")} <= low_bytes
+    assert tune.file_format(SPARGE) == "zip"
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"a": torch.zeros(1)}, legacy, _use_new_zipfile_serialization=False)
+    assert tune.file_format(legacy) == "pickle"
+
+
 def test_bad_parameter_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         tune.load_params(tmp_path / "missing.safetensors")
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all")
-    with pytest.raises(ValueError, match="safetensors"):
+    with pytest.raises(ValueError, match="not a parameter file: neither safetensors"):
         tune.load_params(junk)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(b"\xff\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(ValueError, match="not a parameter file"):
+        tune.load_params(cut)
     other = tmp_path / "other.pt"
     torch.save({"weight": torch.zeros(3)}, other)
     with pytest.raises(ValueError, match="no SpargeAttn keys"):

@@ -285,3 +285,64 @@ def test_head_sparsity_inputs_and_colours(tmp_path):
         viz.plot_head_sparsity({"density": torch.rand(2, 2)})
     with pytest.raises(TypeError, match=r"\.sparsity attribute"):
         viz.plot_head_sparsity(object())
+
+
+def _text_boxes(fig, ax):
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    return [(t.get_text(), t.get_window_extent(renderer)) for t in ax.texts if t.get_text()]
+
+
+def test_segment_labels_of_a_real_packed_prompt_never_overlap():
+    from flexsparse.ensemble import PromptPacker
+    from flexsparse.models import tiny
+
+    paras = ["What is the capital city of France, the country in western Europe?",
+             "Name the French capital.", "Which city is France's capital?", "Capital?",
+             "In which city does the French government sit, and what is its name?"]
+    packed = PromptPacker(tiny.build_tokenizer()).pack(paras, "Answer in a few words.", "A:")
+    n = packed.layout.length
+    labels = {name: f"{name}: {text}" for name, text in packed.pieces}
+    fig = viz.plot_mask(masks.segments(packed.layout), n, n, layout=packed.layout,
+                        labels=labels)
+    boxes = _text_boxes(fig, fig.axes[0])
+    top = sorted((b for _, b in boxes if b.width > b.height), key=lambda b: b.x0)
+    left = sorted((b for _, b in boxes if b.height > b.width), key=lambda b: b.y0)
+    assert len(top) >= 5 and len(left) >= 5
+    for row, lo, hi in ((top, "x0", "x1"), (left, "y0", "y1")):
+        for a, b in zip(row, row[1:]):
+            assert getattr(a, hi) <= getattr(b, lo) + 0.5, "labels overlap"
+    texts = [t for t, _ in boxes]
+    assert any(t.endswith("…") for t in texts)  # long labels are cut, not dropped
+    assert viz.annotate.fit_label("seg 4: Capital?", ("seg 4", "4"), 5.0) == "4"
+    assert viz.annotate.fit_label("seg 4: Capital?", ("seg 4", "4"), 1.0) == ""
+
+
+def test_compare_labels_axes_and_has_a_difference_legend():
+    fig = viz.compare(masks.causal(), masks.sliding_window(8), 32, names=("a", "b"))
+    assert [ax.get_xlabel() for ax in fig.axes] == ["key position"] * 3
+    assert [ax.get_ylabel() for ax in fig.axes] == ["query position"] * 3
+    entries = {t.get_text(): h.get_facecolor()[:3] for leg in fig.legends
+               for t, h in zip(leg.get_texts(), leg.legend_handles)}
+    np.testing.assert_allclose(entries["both"], to_rgb(viz.COLORS["both"]))
+    np.testing.assert_allclose(entries["kept"], to_rgb(viz.COLORS["full"]))
+    assert not np.allclose(to_rgb(viz.COLORS["both"]), to_rgb(viz.COLORS["full"]))
+
+
+def test_head_map_marks_unknown_values_and_fits_small_grids(tmp_path):
+    from flexsparse.viz.sparsity import UNKNOWN_COLOR
+
+    path = tmp_path / "small.png"
+    values = [[0.25, float("nan")]]
+    fig = viz.plot_head_sparsity({"sparsity": values}, path=path, annotate=False)
+    img = mpimg.imread(path)
+    ax = fig.axes[0]
+    assert_rgb = np.testing.assert_allclose
+    assert_rgb(pixel(fig, ax, img, 1, 0), to_rgb(UNKNOWN_COLOR), atol=TOL)
+    assert ax.get_legend().get_texts()[0].get_text() == "unknown (not recorded): 1 heads"
+    renderer = fig.canvas.get_renderer()
+    canvas = fig.bbox
+    for artist in (ax.title, ax.xaxis.label, ax.yaxis.label, ax.get_legend()):
+        box = artist.get_window_extent(renderer)
+        assert canvas.x0 <= box.x0 and box.x1 <= canvas.x1, artist
+        assert canvas.y0 <= box.y0 and box.y1 <= canvas.y1, artist

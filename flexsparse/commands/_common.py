@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
+import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cli import UsageError
+from ..cli import UsageError, user_input
 from ..layout import MODEL_PRESETS, SegmentLayout, VideoLayout
 
 PATTERNS = ("radial", "scenes", "segments", "causal", "window")
@@ -24,6 +26,13 @@ VIDEO_PATTERNS = ("radial", "scenes")
 DEFAULT_VIDEO = (49, 480, 720)
 DEFAULT_LENGTH = 4096
 DEFAULT_WINDOW = 256
+#: Longest sequence ``show`` accepts (query or key side), checked before anything is
+#: allocated: 8x HunyuanVideo's 115,456 tokens.
+MAX_TOKENS = 1 << 20
+#: Most tiles ``show`` counts (query tiles x key tiles; int8 states, several temporaries).
+MAX_TILES = 1 << 26
+#: Largest spec file read (a pattern spec is a few hundred bytes).
+MAX_SPEC_BYTES = 1 << 20
 
 #: Every option a spec file may set (same names as the flags, dashes or underscores).
 SPEC_KEYS = (
@@ -48,11 +57,89 @@ def parse_int(option: str, text, minimum: int | None = 0) -> int:
     return value
 
 
-def parse_float(option: str, text) -> float:
+def parse_float(option: str, text, *, positive: bool = False) -> float:
+    """A finite float from a flag / spec value (> 0 with ``positive``)."""
     try:
-        return float(text)
-    except (TypeError, ValueError):
+        value = float(text)
+    except (TypeError, ValueError, OverflowError):
         raise UsageError(f"{option} must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise UsageError(f"{option} must be a finite number, got {text!r}")
+    if positive and value <= 0:
+        raise UsageError(f"{option} must be > 0, got {value:g}")
+    return value
+
+
+def parse_tokens(option: str, text, minimum: int = 1) -> int:
+    """A token count: an int in ``[minimum, MAX_TOKENS]``, refused before any allocation."""
+    value = parse_int(option, text, minimum)
+    if value > MAX_TOKENS:
+        raise UsageError(f"{option} must be <= {MAX_TOKENS:,} tokens (the limit of this "
+                         f"command), got {value:,}")
+    return value
+
+
+def check_tiles(q_len: int, kv_len: int, tile: int) -> None:
+    """Refuse a tile count that would not fit in memory (``MAX_TILES``)."""
+    for option, n in (("sequence length", q_len), ("sequence length", kv_len)):
+        if n > MAX_TOKENS:
+            raise UsageError(f"{option} {n:,} is over the limit of {MAX_TOKENS:,} tokens")
+    tiles = math.ceil(q_len / tile) * math.ceil(kv_len / tile)
+    if tiles > MAX_TILES:
+        raise UsageError(f"--tile {tile} gives {tiles:,} tiles for {q_len:,} x {kv_len:,} "
+                         f"tokens; the limit is {MAX_TILES:,}: use a larger --tile")
+
+
+def parse_device(option: str, text: str | None, *, auto: str | None = "auto"):
+    """A ``torch.device`` that exists on this machine; ``None`` or ``auto``: CUDA when
+    available, else the CPU."""
+    import torch
+
+    if text is None or text == auto:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(str(text))
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"{option} must be a torch device like cpu, cuda or cuda:1"
+                         f"{' or ' + auto if auto else ''}, got {text!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{option} {text}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"{option} {text}: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise UsageError(f"{option} must be cpu or cuda[:N], got {text!r}")
+    return device
+
+
+def output_file(option: str, path: str | Path, suffixes: tuple[str, ...] = ()) -> Path:
+    """Check an output file before any work: not a directory, an allowed suffix, and a
+    parent that is a writable directory (created later when missing)."""
+    path = Path(path)
+    if suffixes and path.suffix.lower() not in suffixes:
+        allowed = " or ".join([", ".join(suffixes[:-1]), suffixes[-1]] if len(suffixes) > 1
+                              else suffixes)
+        raise UsageError(f"{option} must end in {allowed}, got {str(path)!r}")
+    if path.is_dir():
+        raise UsageError(f"{option} {str(path)!r} is a directory; give a file name")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{option} {str(path)!r}: {str(parent)!r} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {str(path)!r}: directory {str(parent)!r} is not writable")
+    return path
+
+
+def local_dir(option: str, path: str | Path, *, what: str = "a local directory") -> Path:
+    """A path that must be an existing directory (never a hub name: no network)."""
+    path = Path(path)
+    if not path.is_dir():
+        state = "does not exist" if not path.exists() else "is not a directory"
+        raise UsageError(f"{option} must be {what}; {str(path)!r} {state}")
+    return path
 
 
 def parse_ints(option: str, text, minimum: int | None = 0) -> list[int]:
@@ -82,27 +169,14 @@ def parse_video(text) -> tuple[int, int, int]:
     return f, h, w
 
 
-def parse_adjacency(text) -> list[list[int]]:
-    """``"110,111,011"`` (one row of 0/1 digits per scene) or a nested list -> ``[[1,1,0],
-    [1,1,1],[0,1,1]]``; must be square."""
-    if isinstance(text, (list, tuple)):
-        rows = [list(r) if isinstance(r, (list, tuple)) else list(str(r)) for r in text]
-    else:
-        rows = [list(r) for r in str(text).replace(" ", "").replace(";", ",").split(",") if r]
-    try:
-        mat = [[int(x) for x in row] for row in rows]
-    except (TypeError, ValueError):
-        mat = None
-    if not mat or any(x not in (0, 1) for row in mat for x in row):
-        raise UsageError(
-            f"--adjacency must be rows of 0/1 digits separated by commas, like 110,111,011; "
-            f"got {text!r}"
-        )
-    if any(len(row) != len(mat) for row in mat):
-        raise UsageError(
-            f"--adjacency must be square ({len(mat)} rows of {len(mat)} digits), got {text!r}"
-        )
-    return mat
+def parse_adjacency(text, num_scenes: int | None = None) -> list[list[int]]:
+    """``"110,111,011"`` / ``"1,1,0;1,1,1;0,1,1"`` (one row per scene), a file (.json,
+    .npy, .txt) or a nested list -> ``[[1,1,0],[1,1,1],[0,1,1]]``: the library's parser
+    (``flexsparse.masks.scenes.parse_adjacency``), its errors named after the flag."""
+    from ..masks.scenes import parse_adjacency as parse
+
+    with user_input("--adjacency"):
+        return parse(text, num_scenes=num_scenes).to(int).tolist()
 
 
 def parse_segments(text) -> SegmentLayout:
@@ -141,30 +215,17 @@ def load_spec(path: str | Path) -> dict:
     the flag names as keys (dashes or underscores); a nested ``layout`` mapping may hold
     ``frames``, ``tokens_per_frame``, ``text_tokens`` / ``text`` and ``text_position``."""
     path = Path(path)
-    try:
-        raw = path.read_text()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--spec file not found: {str(path)!r}") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--spec {str(path)!r} cannot be read: {exc}") from None
     ext = path.suffix.lower()
-    if ext == ".json":
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"--spec {str(path)!r} is not valid JSON: {exc}") from None
-    elif ext in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise UsageError("--spec: reading YAML needs PyYAML (pip install pyyaml)") from None
-        try:
-            data = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            msg = " ".join(str(exc).split())
-            raise UsageError(f"--spec {str(path)!r} is not valid YAML: {msg}") from None
-    else:
+    if ext not in (".json", ".yaml", ".yml"):
         raise UsageError(f"--spec must be a .json, .yaml or .yml file, got {str(path)!r}")
+    raw = read_text_file("--spec", path, MAX_SPEC_BYTES)
+    try:
+        if ext == ".json":
+            data = _parse_json("--spec", path, raw)
+        else:
+            data = _parse_yaml(path, raw)
+    except (RecursionError, MemoryError):
+        raise UsageError(f"--spec {str(path)!r} is nested too deeply to be a spec") from None
     if not isinstance(data, Mapping):
         raise UsageError(f"--spec {str(path)!r} must hold a mapping of options, got "
                          f"{type(data).__name__}")
@@ -186,6 +247,41 @@ def load_spec(path: str | Path) -> dict:
                              f"{', '.join(SPEC_KEYS)}")
         out[name] = value
     return out
+
+
+def read_text_file(option: str, path: Path, limit: int) -> str:
+    """The UTF-8 text of a small input file, refused above ``limit`` bytes before reading."""
+    try:
+        size = path.stat().st_size
+        if path.is_dir():
+            raise UsageError(f"{option} {str(path)!r} is a directory, not a file")
+        if size > limit:
+            raise UsageError(f"{option} {str(path)!r} is {size:,} bytes; the limit is "
+                             f"{limit:,}")
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{option} file not found: {str(path)!r}") from None
+    except (PermissionError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{option} {str(path)!r} cannot be read: {exc}") from None
+
+
+def _parse_json(option: str, path: Path, raw: str):
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{option} {str(path)!r} is not valid JSON: {exc}") from None
+
+
+def _parse_yaml(path: Path, raw: str):
+    try:
+        import yaml
+    except ImportError:
+        raise UsageError("--spec: reading YAML needs PyYAML (pip install pyyaml)") from None
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        msg = " ".join(str(exc).split())
+        raise UsageError(f"--spec {str(path)!r} is not valid YAML: {msg}") from None
 
 
 # -- argparse ------------------------------------------------------------------------------
@@ -309,7 +405,7 @@ def video_layout(opts: dict, required: bool) -> VideoLayout | None:
     given = any(opts.get(k) is not None for k in ("video", "frames", "tokens_per_frame"))
     if not given and not required:
         return None
-    text = None if opts.get("text") is None else parse_int("--text", opts["text"])
+    text = None if opts.get("text") is None else parse_tokens("--text", opts["text"], 0)
     position = opts.get("text_position")
     if position is not None and position not in ("start", "end"):
         raise UsageError(f"--text-position must be start or end, got {position!r}")
@@ -317,17 +413,31 @@ def video_layout(opts: dict, required: bool) -> VideoLayout | None:
         if opts.get("frames") is not None or opts.get("tokens_per_frame") is not None:
             raise UsageError("give either --video or --frames/--tokens-per-frame, not both")
         f, h, w = parse_video(opts["video"]) if opts.get("video") is not None else DEFAULT_VIDEO
-        return VideoLayout.from_video(f, h, w, model, text_tokens=text, text_position=position)
+        with user_input("--video"):
+            layout = VideoLayout.from_video(f, h, w, model, text_tokens=text,
+                                            text_position=position)
+        return check_length("--video", layout)
     missing = [k for k in ("frames", "tokens_per_frame") if opts.get(k) is None]
     if missing:
         raise UsageError(f"--{missing[0].replace('_', '-')} is needed with --frames / "
                          "--tokens-per-frame (or use --video FxHxW)")
+    frames = parse_tokens("--frames", opts["frames"])
+    per_frame = parse_tokens("--tokens-per-frame", opts["tokens_per_frame"])
+    if frames * per_frame + (text or 0) > MAX_TOKENS:
+        raise UsageError(f"--frames {frames:,} x --tokens-per-frame {per_frame:,} + --text "
+                         f"{text or 0:,} is over the limit of {MAX_TOKENS:,} tokens")
     return VideoLayout(
-        frames=parse_int("--frames", opts["frames"], minimum=1),
-        tokens_per_frame=parse_int("--tokens-per-frame", opts["tokens_per_frame"], minimum=1),
-        text_tokens=text or 0,
+        frames=frames, tokens_per_frame=per_frame, text_tokens=text or 0,
         text_position=position or MODEL_PRESETS[model]["text_position"],
     )
+
+
+def check_length(option: str, layout):
+    """``layout`` if its length is within ``MAX_TOKENS``, else a UsageError."""
+    if layout.length > MAX_TOKENS:
+        raise UsageError(f"{option} gives {layout.length:,} tokens; the limit is "
+                         f"{MAX_TOKENS:,}")
+    return layout
 
 
 def chain_adjacency(n: int) -> list[list[int]]:
@@ -336,7 +446,14 @@ def chain_adjacency(n: int) -> list[list[int]]:
 
 
 def build(opts: dict) -> Built:
-    """Build the pattern ``opts["pattern"]`` (see ``add_pattern_arguments``)."""
+    """Build the pattern ``opts["pattern"]`` (see ``add_pattern_arguments``). The library
+    checks the values it is given: its ``ValueError`` / ``TypeError`` here are the user's
+    mistake (``UsageError``)."""
+    with user_input():
+        return _build(opts)
+
+
+def _build(opts: dict) -> Built:
     from .. import masks
 
     pattern = opts["pattern"]
@@ -345,9 +462,9 @@ def build(opts: dict) -> Built:
         fn = pattern_function("radial")
         mask = fn(
             layout,
-            decay_factor=parse_float("--decay", opts.get("decay", 1.0)),
+            decay_factor=parse_float("--decay", opts.get("decay", 1.0), positive=True),
             model=opts.get("model") or "cogvideox",
-            block_size=parse_int("--block-size", opts.get("block_size", 128), minimum=1),
+            block_size=parse_tokens("--block-size", opts.get("block_size", 128)),
             granularity=opts.get("granularity") or "block",
         )
         return _finish(mask, layout, opts)
@@ -385,21 +502,22 @@ def build(opts: dict) -> Built:
         if opts.get("segments") is None:
             raise UsageError("segments needs --segments PREFIX:LEN,LEN,..:SUFFIX, "
                              "e.g. 12:20,18,22:6")
-        seg = parse_segments(opts["segments"])
+        seg = check_length("--segments", parse_segments(opts["segments"]))
         mask = pattern_function("segments")(seg)
-        generated = parse_int("--generated", opts.get("generated", 0))
-        return _finish(mask, seg, opts, kv_len=seg.length + generated)
+        generated = parse_tokens("--generated", opts.get("generated", 0), 0)
+        return _finish(mask, seg, opts, kv_len=parse_tokens(
+            "--segments + --generated", seg.length + generated))
     # causal / window: any length; a layout given only annotates the picture.
     layout = video_layout(opts, required=False)
     if layout is None and opts.get("segments") is not None:
-        layout = parse_segments(opts["segments"])
+        layout = check_length("--segments", parse_segments(opts["segments"]))
     if opts.get("length") is not None:
-        kv_len = parse_int("--length", opts["length"], minimum=1)
+        kv_len = parse_tokens("--length", opts["length"])
     else:
         kv_len = layout.length if layout is not None else DEFAULT_LENGTH
     mask = masks.causal()
     if pattern == "window":
-        w = parse_int("--window", opts.get("window", DEFAULT_WINDOW), minimum=1)
+        w = parse_tokens("--window", opts.get("window", DEFAULT_WINDOW))
         window = masks.sliding_window(w)
         mask = window if opts.get("bidirectional") else mask & window
         if not opts.get("bidirectional"):
@@ -412,7 +530,7 @@ def _finish(mask, layout, opts: dict, kv_len: int | None = None) -> Built:
         kv_len = mask.length or layout.length
     q_len = kv_len
     if opts.get("q_len") is not None:
-        q_len = parse_int("--q-len", opts["q_len"], minimum=1)
+        q_len = parse_tokens("--q-len", opts["q_len"])
         if q_len > kv_len:
             raise UsageError(f"--q-len must be <= the sequence length {kv_len}, got {q_len}")
     return Built(mask, layout, q_len, kv_len, description=describe_layout(layout, kv_len))

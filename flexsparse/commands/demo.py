@@ -3,13 +3,13 @@
 The demo is a list of *sections* (``SECTIONS``). A section is a function
 ``section(ctx: DemoContext) -> SectionResult``: it builds what it shows, writes its
 pictures into ``ctx.out`` and returns table rows, picture paths and notes. The command
-prints each table and writes everything into ``DIR/report.md``. Later parts (LLaMA
-self-ensemble, a CogVideoX block, tuning) add themselves with one line::
+prints each table and writes everything into ``DIR/report.md``.
 
-    SECTIONS.append(("llama", "flexsparse.models.llama:demo_section"))
-
-or ``register_section(name, "module:function")``. A section whose module is missing is
-skipped with a note, so the demo runs on any install.
+To add a section (e.g. one per new model), write the function next to the model's code
+and add one entry to ``SECTIONS`` below, ``(name, "module:function")`` (imported only
+when the section runs, so a missing optional dependency skips it with a note) or
+``(name, function)``; or call ``register_section(name, target)`` from anywhere. A section
+should finish in a few seconds on a 2-core CPU (``ctx.quick``: less).
 """
 
 from __future__ import annotations
@@ -31,21 +31,26 @@ import torch
 from ..cli import UsageError
 from . import _common as C
 
-#: (name, "module:function") in the order they run.
-SECTIONS: list[tuple[str, str]] = [
+#: (name, "module:function" or a function) in the order they run.
+SECTIONS: list[tuple[str, str | Callable]] = [
     ("patterns", "flexsparse.commands.demo:patterns_section"),
     ("ensemble", "flexsparse.commands.demo_sections:ensemble_section"),
     ("cogvideox", "flexsparse.commands.demo_sections:cogvideox_section"),
+    ("hunyuan_video", "flexsparse.commands.demo_video_models:hunyuan_video_section"),
+    ("wan", "flexsparse.commands.demo_video_models:wan_section"),
+    ("flux", "flexsparse.commands.demo_image_models:flux_section"),
+    ("hunyuan_dit", "flexsparse.commands.demo_image_models:hunyuan_dit_section"),
     ("tuning", "flexsparse.commands.demo_sections:tuning_section"),
 ]
 
 ATTENTION_BACKENDS = ("flex", "sdpa", "quant", "auto")
 
 
-def register_section(name: str, target: str) -> None:
-    """Add (or replace) the section ``name``, run by ``target`` = ``"module:function"``."""
-    if ":" not in target:
-        raise ValueError(f"target must be 'module:function', got {target!r}")
+def register_section(name: str, target: str | Callable) -> None:
+    """Add (or replace) the section ``name``, run by ``target``: a function
+    ``(DemoContext) -> SectionResult`` or ``"module:function"``."""
+    if not callable(target) and (not isinstance(target, str) or ":" not in target):
+        raise ValueError(f"target must be a function or 'module:function', got {target!r}")
     for i, (n, _) in enumerate(SECTIONS):
         if n == name:
             SECTIONS[i] = (name, target)
@@ -114,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UsageError(f"-o must be a directory, {str(out)!r} is a file")
     out.mkdir(parents=True, exist_ok=True)
-    device = _device(args.device)
+    device = C.parse_device("--device", args.device, auto=None)
     chosen = _select(args.sections)
     ctx = DemoContext(
         out=out, quick=args.quick, device=device,
@@ -154,20 +159,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(
-            f"--device must be a torch device like cpu or cuda, got {name!r}"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
 def _select(names: str | None) -> list[tuple[str, str]]:
     if names is None:
         return list(SECTIONS)
@@ -180,7 +171,9 @@ def _select(names: str | None) -> list[tuple[str, str]]:
     return [(n, t) for n, t in SECTIONS if n in wanted]
 
 
-def _load(target: str) -> tuple[Callable | None, str]:
+def _load(target: str | Callable) -> tuple[Callable | None, str]:
+    if callable(target):
+        return target, ""
     module, _, attr = target.partition(":")
     try:
         mod = importlib.import_module(module)
@@ -389,7 +382,7 @@ def _attention_cells(ctx, mask, n, heads, dim, backends, unavailable: dict):
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, heads, n, dim, generator=gen).to(ctx.device, ctx.dtype)
                for _ in range(3))
-    ref = reference_rows(q, k, v, mask)
+    ref = fs.reference(q, k, v, mask)  # float64 on the CPU, rows materialised in chunks
     cells, picked = [], ""
     for backend in backends:
         try:
@@ -431,33 +424,3 @@ def time_call(fn: Callable, repeats: int, device: torch.device):
             out = fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times), out
-
-
-def reference_rows(q, k, v, mask, rows_per_chunk: int = 1024) -> torch.Tensor:
-    """The float64 dense reference of ``attention(q, k, v, mask)`` computed in chunks of
-    query rows on ``q``'s device (the mask rows come from ``mask.mask_mod_for(device)``),
-    so full-size layouts fit in memory on a GPU. Equals ``flexsparse.reference`` (rows
-    with no kept key are zeros). Returns float64 ``[B, H, Q, D]`` on the CPU."""
-    device = q.device
-    q64, k64, v64 = (t.to(torch.float64) for t in (q, k, v))
-    if k64.shape[1] != q64.shape[1]:  # GQA: repeat key/value heads
-        rep = q64.shape[1] // k64.shape[1]
-        k64, v64 = k64.repeat_interleave(rep, 1), v64.repeat_interleave(rep, 1)
-    n_q, n_kv = q.shape[2], k.shape[2]
-    mod = mask.mask_mod_for(device)
-    kv_idx = torch.arange(n_kv, device=device)[None, :]
-    heads = mask.heads
-    h = (torch.arange(heads, device=device).view(heads, 1, 1) if heads is not None
-         else torch.zeros((), dtype=torch.long, device=device))
-    b = torch.zeros((), dtype=torch.long, device=device)
-    scale = q.shape[-1] ** -0.5
-    outs = []
-    for start in range(0, n_q, rows_per_chunk):
-        stop = min(start + rows_per_chunk, n_q)
-        q_idx = torch.arange(start, stop, device=device)[:, None] + (n_kv - n_q)
-        keep = mod(b, h, q_idx, kv_idx).to(torch.bool)  # [(H), rows, KV]
-        scores = q64[:, :, start:stop] @ k64.transpose(-1, -2) * scale
-        scores = scores.masked_fill(~keep, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-        outs.append((probs @ v64).cpu())
-    return torch.cat(outs, dim=2)

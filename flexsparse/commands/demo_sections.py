@@ -10,15 +10,17 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..tune.params import spargeattn_example_path
 from .demo import DemoContext, SectionResult
 
-#: SpargeAttn's tuned CogVideoX-2b parameters, shipped next to the repository (optional).
-SPARGE_FILE = (Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
-               / "spargeattn_cogvideox-2b_l1-0.06_pv-0.07.pt")
+#: SpargeAttn's tuned CogVideoX-2b parameters, shipped in the package (flexsparse/data).
+SPARGE_FILE = spargeattn_example_path()
 
 
 def _short(text: str, n: int = 28) -> str:
@@ -136,41 +138,19 @@ def cogvideox_section(ctx: DemoContext) -> SectionResult:
             return model(x, text, torch.full((2,), 500), image_rotary_emb=rope,
                          return_dict=False)[0]
 
-    blocks = list(model.transformer_blocks)
     layout = cvx.layout_for(model, frames, hw, hw)
-    dense_out = forward()
-    res = SectionResult(title, columns=[
-        "backend", "tokens", "density", "max err vs masked stock", "max diff vs dense",
-        "ms / forward"])
-    for backend in ("flex", "sdpa"):
-        handle = cvx.patch(model, pattern="radial", num_frames=frames, height=hw, width=hw,
-                           backend=backend, block_size=block)
-        try:
-            forward()  # warm-up: builds the BlockMask
-            t0 = time.perf_counter()
-            out = forward()
-            ms = (time.perf_counter() - t0) * 1e3
-        finally:
-            cvx.unpatch(model)
-        dense_masks = [handle.mask_for_layer(i).to_dense() for i in range(len(blocks))]
-        for blk, dense in zip(blocks, dense_masks):
-            blk.attn1.set_processor(_MaskedStock(dense, CogVideoXAttnProcessor2_0()))
-        try:
-            ref = forward()
-        finally:
-            for blk in blocks:
-                blk.attn1.set_processor(CogVideoXAttnProcessor2_0())
-        density = torch.stack(dense_masks).float().mean().item()
-        res.rows.append([
-            backend, f"{layout.length}", f"{density:.3f}",
-            f"{(out - ref).abs().max().item():.1e}", f"{(out - dense_out).abs().max().item():.1e}",
-            f"{ms:.1f}",
-        ])
+    res = SectionResult(title, columns=VIDEO_COLUMNS)
+    for row in compare_with_masked_stock(
+            cvx, model, forward, CogVideoXAttnProcessor2_0,
+            lambda d: _MaskedStock(d, CogVideoXAttnProcessor2_0()),
+            dict(pattern="radial", num_frames=frames, height=hw, width=hw, block_size=block)):
+        res.rows.append(row.video_row(layout.length))
     from .. import viz
 
     fig = ctx.out / "cogvideox_radial_tiny.png"
-    viz.plot_mask(handle.mask_for_layer(0), layout.length, layout.length, layout=layout,
-                  path=fig, title=f"radial mask of the tiny CogVideoX ({layout.length} tokens)")
+    viz.plot_mask(cvx.build_mask(layout, "radial", block_size=block), layout.length,
+                  layout.length, layout=layout, path=fig,
+                  title=f"radial mask of the tiny CogVideoX ({layout.length} tokens)")
     res.figures.append(fig)
     res.notes += [
         f"model: CogVideoXTransformer3DModel, 2 blocks, 2 heads x 16, random weights; input "
@@ -181,6 +161,83 @@ def cogvideox_section(ctx: DemoContext) -> SectionResult:
         "how far the sparse output is from unpatched dense attention.",
     ]
     return res
+
+
+VIDEO_COLUMNS = ["backend", "tokens", "density", "max err vs masked stock",
+                 "max diff vs dense", "ms / forward"]
+
+
+@dataclass
+class Comparison:
+    """One backend's patched forward against the stock processors given the same masks.
+
+    Attributes:
+        backend: the ``flexsparse.attention`` backend of the patch.
+        kept: fraction of (query, key) pairs the layers' masks kept (all layers).
+        err: max |patched - masked stock|; diff: max |patched - unpatched dense|.
+        ms: one patched forward after the warm-up, in milliseconds.
+    """
+
+    backend: str
+    kept: float
+    err: float
+    diff: float
+    ms: float
+
+    def video_row(self, tokens: int) -> list[str]:
+        """``VIDEO_COLUMNS``: density is the kept fraction."""
+        return [self.backend, f"{tokens}", f"{self.kept:.3f}", f"{self.err:.1e}",
+                f"{self.diff:.1e}", f"{self.ms:.1f}"]
+
+
+def compare_with_masked_stock(module, model, forward: Callable[[], torch.Tensor],
+                              stock: Callable[[], object],
+                              masked: Callable[[torch.Tensor], object], patch: dict,
+                              backends: tuple[str, ...] = ("flex", "sdpa")) -> list[Comparison]:
+    """A tiny patched transformer against its stock processors given the masks the patch
+    used, per backend (what every model section of the demo shows).
+
+    Args:
+        module: the adapter module (``ADAPTER``, ``patch``, ``unpatch``).
+        model: the unpatched transformer; left unpatched with fresh ``stock()`` processors.
+        forward: the model's forward on fixed inputs (no grad).
+        stock: a fresh stock processor; masked: ``dense bool mask -> processor`` (the
+            stock arithmetic with that mask as an additive float mask).
+        patch: ``module.patch`` keywords (backend added per row).
+
+    The masks are read while the patched forward runs (a data-dependent mask is bound to
+    that layer's q, k), so static and predicted masks are compared alike.
+    """
+    modules = module.ADAPTER.attention_modules(model)
+    dense_out = forward()
+    rows = []
+    for backend in backends:
+        handle = module.patch(model, backend=backend, **patch)
+        seen: list[torch.Tensor] = []
+
+        def observe(i, q, k, v, handle=handle, seen=seen):
+            mask = handle.mask_for_layer(i)
+            seen.append((mask.bind(q, k) if mask.is_dynamic else mask).to_dense())
+
+        try:
+            with handle.observing(observe):
+                forward()  # warm-up (builds the BlockMask) and the masks of the reference
+            t0 = time.perf_counter()
+            out = forward()
+            ms = (time.perf_counter() - t0) * 1e3
+        finally:
+            module.unpatch(model)
+        for attn, dense in zip(modules, seen):
+            attn.set_processor(masked(dense))
+        try:
+            ref = forward()
+        finally:
+            for attn in modules:
+                attn.set_processor(stock())
+        rows.append(Comparison(backend, torch.stack(seen).float().mean().item(),
+                               (out - ref).abs().max().item(),
+                               (out - dense_out).abs().max().item(), ms))
+    return rows
 
 
 class _MaskedStock:
@@ -252,9 +309,8 @@ def tuning_section(ctx: DemoContext) -> SectionResult:
         "relative L1 of flex attention with the tuned mask vs the float64 dense reference.")
     if SPARGE_FILE.exists():
         params = tune.load_params(SPARGE_FILE)
-        fig = ctx.out / "spargeattn_cdfthreshd.png"
-        viz.plot_head_sparsity(params, "cdfthreshd", path=fig,
-                               title="SpargeAttn CogVideoX-2b: cdfthreshd per layer x head")
+        fig = ctx.out / "spargeattn_params.png"
+        viz.plot_tuned(params, path=fig)
         res.figures.append(fig)
         cdf = params.cdfthreshd[params.is_sparse]
         span = f"{cdf.min().item():.3f} - {cdf.max().item():.3f}" if cdf.numel() else "-"

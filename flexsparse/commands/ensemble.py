@@ -2,21 +2,27 @@
 
 Input lines: ``{"id": ..., "paraphrases": [...], "answers": [...]?, "prefix": "..."?}``.
 Output lines: ``{"id", "method", "prediction", "timing", "answers"?, "candidates"?}``,
-appended (the file is never truncated); ids already in the output are skipped, so an
-interrupted run resumes where it stopped. Bad input lines are reported with their line
-number and skipped. With gold answers a summary gives exact match, token F1 and
-contains-answer over every answered question in the output.
+appended (earlier records are never removed); a question already answered with the same
+``--method`` is skipped, so an interrupted run resumes where it stopped and a run with
+another method on the same file answers every question again. Each record is written as
+one line at once: a failed write (disk full, file-size limit) leaves no half line. An
+unreadable line in the output (cut by a crash) is named on stderr and its question
+answered again. Bad input lines are reported with their line number and skipped. With
+gold answers a summary gives exact match, token F1 and contains-answer over every
+question answered with the method.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 from ..cli import UsageError
+from . import _common as C
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -71,25 +77,31 @@ def run(args) -> int:
                              ("--batch-size", args.batch_size, 1)):
         if value is not None and value < low:
             raise UsageError(f"{name} must be >= {low}, got {value}")
+    for i, stop in enumerate(args.stop or []):
+        if not stop:
+            raise UsageError(f"--stop must be a non-empty string, got {stop!r} (--stop #{i + 1})")
     if not input_path.is_file():
         raise UsageError(f"--input {str(input_path)!r} is not a file")
-    if not model_dir.is_dir():
-        raise UsageError(f"--model {str(model_dir)!r} is not a directory")
+    model_dir = C.local_dir("--model", model_dir, what="a local model directory")
+    C.output_file("--output", output)
+    device = C.parse_device("--device", args.device)
 
     questions, bad = read_questions(input_path, args.paraphrases)
     for line_no, why in bad:
         print(f"{input_path}:{line_no}: skipped: {why}", file=sys.stderr)
-    done = read_done(output)
-    todo = [q for q in questions if q["id"] not in done]
+    done, unreadable = read_done(output)
+    for line_no, why in unreadable:
+        print(f"{output}:{line_no}: warning: {why}; ignored, its question is answered again",
+              file=sys.stderr)
+    todo = [q for q in questions if (q["id"], args.method) not in done]
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     model, tokenizer = tiny.load(model_dir, dtype=getattr(torch, dtype_name), device=device)
     ens = SelfEnsemble(model, tokenizer, separator=args.separator,
                        position_mode=args.position_mode, backend=args.backend)
     print(f"{len(questions)} questions ({len(bad)} bad lines skipped), "
-          f"{len(questions) - len(todo)} already answered in {output}, {len(todo)} to do",
-          file=sys.stderr)
+          f"{len(questions) - len(todo)} already answered with --method {args.method} in "
+          f"{output}, {len(todo)} to do", file=sys.stderr)
     _answer(ens, todo, output, args)
     summary = summarize(output, {q["id"]: q for q in questions}, args.method)
     print(format_summary(summary, output))
@@ -107,14 +119,13 @@ def _shipped_questions() -> Path:
 def read_questions(path: Path, k: int | None) -> tuple[list[dict], list[tuple[int, str]]]:
     """Valid questions and ``(line number, reason)`` for every skipped line."""
     good, bad, seen = [], [], set()
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
-            try:
-                q = json.loads(line)
-            except json.JSONDecodeError as exc:
-                bad.append((line_no, f"not valid JSON ({exc.msg})"))
+            q, why = parse_line(raw)
+            if why is not None:
+                bad.append((line_no, why))
                 continue
             why = _invalid(q)
             if why is None and str(q["id"]) in seen:
@@ -149,20 +160,52 @@ def _invalid(q) -> str | None:
     return None
 
 
-def read_done(output: Path) -> dict[str, dict]:
-    """Records already in ``output`` by id (unreadable lines are ignored, never removed)."""
-    done = {}
+def parse_line(raw: bytes) -> tuple[object, str | None]:
+    """``(value, None)`` for a line of JSON, ``(None, why)`` for one that is not: cut
+    inside a UTF-8 character, not JSON, or nested too deeply to read."""
+    try:
+        return json.loads(raw.decode("utf-8")), None
+    except UnicodeDecodeError as exc:
+        return None, f"not UTF-8 text (cut inside a character at byte {exc.start}?)"
+    except json.JSONDecodeError as exc:
+        return None, f"not valid JSON ({exc.msg})"
+    except RecursionError:
+        return None, "JSON nested too deeply"
+
+
+def read_done(output: Path) -> tuple[dict[tuple[str, str], dict], list[tuple[int, str]]]:
+    """Records already in ``output`` by ``(id, method)``, and ``(line number, why)`` for
+    every line that cannot be read (left in place, never removed)."""
+    done, unreadable = {}, []
     if not output.exists():
-        return done
-    with open(output, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # e.g. a line cut by a crash; left in place
-            if isinstance(rec, dict) and "id" in rec:
-                done[str(rec["id"])] = rec
-    return done
+        return done, unreadable
+    with open(output, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            rec, why = parse_line(raw)
+            if why is None and not (isinstance(rec, dict) and "id" in rec):
+                why = "not an answer record (no 'id')"
+            if why is not None:
+                unreadable.append((line_no, why))
+                continue
+            done[(str(rec["id"]), str(rec.get("method")))] = rec
+    return done, unreadable
+
+
+def append_line(fd: int, text: str) -> None:
+    """Append ``text`` (one JSONL line) to the file open at ``fd`` (``O_APPEND``) all at
+    once: if the write fails part way (disk full, ``RLIMIT_FSIZE``) the file is cut back to
+    where it was, so no half line is left, and the ``OSError`` is raised."""
+    data = text.encode("utf-8")
+    start = os.fstat(fd).st_size
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        os.ftruncate(fd, start)
+        raise
 
 
 def _answer(ens, todo: list[dict], output: Path, args) -> None:
@@ -171,41 +214,48 @@ def _answer(ens, todo: list[dict], output: Path, args) -> None:
     if not todo:
         return
     output.parent.mkdir(parents=True, exist_ok=True)
-    # Append only: earlier answers are never lost. A last line cut by a crash is closed
-    # first so that the new records start on their own lines.
-    needs_newline = output.exists() and output.stat().st_size > 0 and not _ends_with_newline(
-        output
-    )
-    with open(output, "a", encoding="utf-8") as out, tqdm(
-        total=len(todo), desc=f"ensemble {args.method}", unit="q", disable=args.no_progress,
-        file=sys.stderr,
-    ) as bar:
-        if needs_newline:
-            out.write("\n")
-        for start in range(0, len(todo), args.batch_size):
-            batch = todo[start:start + args.batch_size]
-            results = ens.generate_batch(
-                [q["paraphrases"] for q in batch], prefix=[q.get("prefix", "") for q in batch],
-                suffix=args.suffix, max_new_tokens=args.max_new_tokens, method=args.method,
-                stop=args.stop, stop_on_newline=args.stop_on_newline,
-            )
-            for q, r in zip(batch, results):
-                rec = {
-                    "id": q["id"], "method": args.method, "prediction": r.text,
-                    "timing": {
-                        "prefill_s": r.timing["prefill_s"], "decode_s": r.timing["decode_s"],
-                        "total_s": r.timing["total_s"], "batch_size": r.timing["batch_size"],
-                        "new_tokens": len(r.token_ids),
-                    },
-                    "paraphrases": len(q["paraphrases"]),
-                }
-                if r.candidates:
-                    rec["candidates"] = r.candidates
-                if q.get("answers") is not None:
-                    rec["answers"] = q["answers"]
-                out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            out.flush()
-            bar.update(len(batch))
+    fd = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        # A last line cut by a crash is closed first so that new records start on their
+        # own lines (the cut line stays, reported as unreadable).
+        if os.fstat(fd).st_size > 0 and not _ends_with_newline(output):
+            append_line(fd, "\n")
+        with tqdm(total=len(todo), desc=f"ensemble {args.method}", unit="q",
+                  disable=args.no_progress, file=sys.stderr) as bar:
+            for start in range(0, len(todo), args.batch_size):
+                batch = todo[start:start + args.batch_size]
+                results = ens.generate_batch(
+                    [q["paraphrases"] for q in batch],
+                    prefix=[q.get("prefix", "") for q in batch], suffix=args.suffix,
+                    max_new_tokens=args.max_new_tokens, method=args.method, stop=args.stop,
+                    stop_on_newline=args.stop_on_newline,
+                )
+                for q, r in zip(batch, results):
+                    append_line(fd, json.dumps(_record(q, r, args.method),
+                                               ensure_ascii=False) + "\n")
+                bar.update(len(batch))
+    except OSError as exc:
+        exc.filename = exc.filename or str(output)
+        raise
+    finally:
+        os.close(fd)
+
+
+def _record(q: dict, r, method: str) -> dict:
+    rec = {
+        "id": q["id"], "method": method, "prediction": r.text,
+        "timing": {
+            "prefill_s": r.timing["prefill_s"], "decode_s": r.timing["decode_s"],
+            "total_s": r.timing["total_s"], "batch_size": r.timing["batch_size"],
+            "new_tokens": len(r.token_ids),
+        },
+        "paraphrases": len(q["paraphrases"]),
+    }
+    if r.candidates:
+        rec["candidates"] = r.candidates
+    if q.get("answers") is not None:
+        rec["answers"] = q["answers"]
+    return rec
 
 
 def _ends_with_newline(path: Path) -> bool:
@@ -219,7 +269,7 @@ def summarize(output: Path, questions: dict[str, dict], method: str) -> dict:
     the input, else stored in the record)."""
     from ..ensemble import contains_answer, exact_match, token_f1
 
-    recs = [r for r in read_done(output).values() if r.get("method") == method]
+    recs = [r for (_, m), r in read_done(output)[0].items() if m == method]
     scored = []
     for r in recs:
         gold = (questions.get(str(r["id"])) or {}).get("answers") or r.get("answers")

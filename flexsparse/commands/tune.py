@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..cli import UsageError
+from ..cli import UsageError, user_input
+from . import _common as C
 
 
 def add_parser(subparsers) -> None:
@@ -47,9 +48,12 @@ def read_texts(path: Path, limit: int) -> list:
     if not path.is_file():
         raise FileNotFoundError(f"--data {str(path)!r} does not exist")
     out: list = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise UsageError(f"--data {path}: line {n} is not UTF-8 text") from None
             if not line:
                 continue
             if path.suffix == ".jsonl":
@@ -57,8 +61,10 @@ def read_texts(path: Path, limit: int) -> list:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise UsageError(f"--data {path}: line {n} is not JSON ({exc})") from None
+                except RecursionError:
+                    raise UsageError(f"--data {path}: line {n} is nested too deeply") from None
                 if isinstance(row, dict) and "input_ids" in row:
-                    out.append([int(t) for t in row["input_ids"]])
+                    out.append(_token_ids(path, n, row["input_ids"]))
                 elif isinstance(row, dict) and isinstance(row.get("text"), str):
                     out.append(row["text"])
                 else:
@@ -74,12 +80,25 @@ def read_texts(path: Path, limit: int) -> list:
     return out
 
 
+def _token_ids(path: Path, n: int, ids) -> list[int]:
+    if not isinstance(ids, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids
+    ):
+        raise UsageError(f"--data {path}: line {n}: 'input_ids' must be a list of token ids "
+                         "(integers >= 0)")
+    return ids
+
+
 def _model_type(model_dir: Path) -> str:
     config = model_dir / "config.json"
     if not config.is_file():
         raise UsageError(f"--model {str(model_dir)!r} has no config.json (a saved model dir)")
-    with open(config, encoding="utf-8") as f:
-        cfg = json.load(f)
+    try:
+        cfg = json.loads(C.read_text_file("--model config.json", config, C.MAX_SPEC_BYTES))
+    except (json.JSONDecodeError, RecursionError):
+        raise UsageError(f"--model {str(config)!r} is not a readable JSON config") from None
+    if not isinstance(cfg, dict):
+        raise UsageError(f"--model {str(config)!r} must hold a JSON object")
     if "CogVideoX" in str(cfg.get("_class_name", "")):
         raise UsageError(
             "CogVideoX tuning from the command line is not supported: use "
@@ -95,7 +114,7 @@ def _encoder(model_dir: Path, vocab_size: int):
     if has_tok:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         return lambda text: tok(text)["input_ids"]
     if vocab_size < 256:
         raise UsageError(
@@ -111,11 +130,19 @@ def run(args) -> int:
 
     from .. import masks, tune
 
-    model_dir = Path(args.model)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"--model {str(model_dir)!r} is not a directory")
+    model_dir = C.local_dir("--model", args.model, what="a saved model directory")
     for name in ("samples", "max_tokens", "block_q", "block_kv", "keep"):
         _positive(name.replace("_", "-"), getattr(args, name))
+    l1 = C.parse_float("--l1", args.l1, positive=True)
+    pv_l1 = C.parse_float("--pv-l1", args.pv_l1, positive=True)
+    # Everything the user named is checked before the model is loaded and calibrated.
+    out = C.output_file("--out", args.out, (".safetensors",))
+    device = C.parse_device("--device", args.device)
+    with user_input():
+        tuner = tune.MeansimTuner(
+            l1=l1, pv_l1=pv_l1, metric=args.metric, block_q=args.block_q,
+            block_kv=args.block_kv, max_samples=args.keep,
+        )
     kind = _model_type(model_dir)
     from ..models import llama
 
@@ -125,18 +152,11 @@ def run(args) -> int:
             f"{', '.join(llama.SUPPORTED)}"
         )
     texts = read_texts(Path(args.data), args.samples)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="sdpa")
     model = model.to(device).eval()
     encode = _encoder(model_dir, model.config.vocab_size)
-    tuner = tune.MeansimTuner(
-        l1=args.l1, pv_l1=args.pv_l1, metric=args.metric, block_q=args.block_q,
-        block_kv=args.block_kv, max_samples=args.keep,
-    )
     llama.patch(model, masks.causal())  # dense causal attention, observable
     try:
         with tuner.attach(model), torch.no_grad():
@@ -148,7 +168,8 @@ def run(args) -> int:
     finally:
         llama.unpatch(model)
     params = tuner.tune(model_name=str(model_dir), num_layers=model.config.num_hidden_layers)
-    path = params.save(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = params.save(out)
     sparse = params.is_sparse
     print(
         f"wrote {path}: {params.layers} layers x {params.heads} heads, "

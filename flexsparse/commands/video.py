@@ -1,10 +1,11 @@
-"""``flexsparse video``: generate a video with a local CogVideoX pipeline whose
-transformer runs a flexsparse pattern.
+"""``flexsparse video``: generate a video with a local diffusers video pipeline whose
+transformer runs a flexsparse pattern (any model ``flexsparse.models.patch`` knows).
 
     flexsparse video --model ./CogVideoX-2b --prompt "a cat on the beach" --pattern radial \\
         --frames 49 --dense-layers 2 --dense-timesteps 5 --decay 1.0 -o out.mp4 --save-mask
 
-The weights are read from ``--model`` (a ``CogVideoXPipeline.save_pretrained`` folder); the
+The weights are read from ``--model`` (a pipeline's ``save_pretrained`` folder; the pipeline
+class is the ``_class_name`` of its ``model_index.json``); the
 video is written with ``diffusers.utils.export_to_video`` (needs ``imageio`` +
 ``imageio-ffmpeg`` or ``opencv-python``); without a writer the frames are saved as a
 ``.npy`` array ``[frames, height, width, 3]`` (floats in [0, 1]) beside the requested path.
@@ -14,27 +15,30 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import sys
 import warnings
 from pathlib import Path
 
-from ..cli import UsageError
+from ..cli import UsageError, user_input
+from . import _common as C
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "video",
-        help="generate a video with a local CogVideoX pipeline and a sparse pattern",
+        help="generate a video with a local diffusers video pipeline and a sparse pattern",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="folder of a CogVideoXPipeline (local weights)")
+    p.add_argument("--model", required=True,
+                   help="folder of a diffusers video pipeline (local weights)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--pattern", choices=("radial", "dense", "scenes"), default="radial",
                    help="radial (with --boundaries: radial & scenes), dense, or scenes alone")
-    p.add_argument("--frames", type=int, default=49, help="pixel frames (1 + 4k; default 49)")
+    p.add_argument("--frames", type=int, default=49, help="pixel frames (default 49)")
     p.add_argument("--height", type=int, default=None, help="default: the model's sample size")
     p.add_argument("--width", type=int, default=None, help="default: the model's sample size")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
@@ -79,37 +83,8 @@ def parse_boundaries(text: str) -> list[int]:
         ) from None
 
 
-def parse_adjacency(text: str) -> list[list[int]]:
-    """``"1,1;1,1"`` or a .json / .npy / .txt file -> a square 0/1 matrix (list of rows)."""
-    path = Path(text)
-    if path.suffix in (".json", ".npy", ".txt") or path.exists():
-        if not path.exists():
-            raise FileNotFoundError(f"--adjacency file {text!r} does not exist")
-        if path.suffix == ".json":
-            rows = json.loads(path.read_text())
-        elif path.suffix == ".npy":
-            import numpy as np
-
-            rows = np.load(path).tolist()
-        else:
-            rows = [line.replace(",", " ").split() for line in path.read_text().splitlines()
-                    if line.strip()]
-    else:
-        rows = [row.split(",") for row in text.replace(" ", "").split(";") if row]
-    try:
-        matrix = [[int(float(x)) for x in row] for row in rows]
-    except (TypeError, ValueError):
-        raise UsageError(
-            f"--adjacency must be rows of 0/1 like '1,1,0;1,1,1;0,1,1', got {text!r}"
-        ) from None
-    if not matrix or any(len(r) != len(matrix) for r in matrix):
-        raise UsageError(f"--adjacency must be a square matrix, got {len(matrix)} rows of "
-                         f"lengths {[len(r) for r in matrix]}")
-    return matrix
-
-
 def scenes_arg(args) -> dict | None:
-    """The ``scenes=`` argument of ``cogvideox.patch`` from the flags (None without them)."""
+    """The ``scenes=`` argument of ``patch`` from the flags (None without them)."""
     if args.boundaries is None and args.adjacency is None:
         if args.pattern == "scenes":
             raise UsageError("--pattern scenes needs --boundaries and --adjacency")
@@ -117,7 +92,7 @@ def scenes_arg(args) -> dict | None:
     if args.boundaries is None or args.adjacency is None:
         raise UsageError("--boundaries and --adjacency go together: give both")
     return dict(boundaries=parse_boundaries(args.boundaries),
-                adjacency=parse_adjacency(args.adjacency), frame_units=args.frame_units)
+                adjacency=C.parse_adjacency(args.adjacency), frame_units=args.frame_units)
 
 
 def _writer_available() -> bool:
@@ -125,66 +100,104 @@ def _writer_available() -> bool:
 
 
 # -- the command ----------------------------------------------------------------------------------
+def check_args(args) -> None:
+    """The numeric flags and ``--tuned``, before anything is loaded (one-line errors)."""
+    import math
+
+    for name in ("frames", "steps", "fps", "block_size", "height", "width"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and value % 8:
+            raise UsageError(f"--{name} must be a multiple of 8 (the VAE), got {value}")
+    for name in ("dense_layers", "dense_timesteps"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got "
+                             f"{getattr(args, name)}")
+    if not math.isfinite(args.decay) or args.decay < 0:
+        raise UsageError(f"--decay must be a finite number >= 0, got {args.decay}")
+    if args.tuned is not None and not Path(args.tuned).is_file():
+        raise UsageError(f"--tuned {args.tuned!r} is not a file")
+
+
+def pipeline_class(model: Path):
+    """The diffusers pipeline class named by ``model_index.json`` (``_class_name``)."""
+    index = model / "model_index.json"
+    if not index.is_file():
+        raise UsageError(
+            f"--model {str(model)!r} is not a diffusers pipeline folder (no model_index.json)"
+        )
+    try:
+        name = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise UsageError(f"--model {str(model)!r}: unreadable model_index.json ({exc})") from None
+    import diffusers
+
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise UsageError(f"--model {str(model)!r}: model_index.json names pipeline {name!r}, "
+                         f"which diffusers {diffusers.__version__} does not have")
+    return cls
+
+
 def run(args) -> int:
     import torch
 
     scenes = scenes_arg(args)
-    model = Path(args.model)
-    if not (model / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"--model {str(model)!r} is not a diffusers pipeline folder (no model_index.json)"
-        )
-    for name in ("frames", "steps", "fps"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but CUDA is not available")
-    device = args.device if args.device != "auto" else (
-        "cuda" if torch.cuda.is_available() else "cpu")
+    check_args(args)
+    model = C.local_dir("--model", args.model, what="a diffusers pipeline folder")
+    out = C.output_file("--output", args.output)
+    device = C.parse_device("--device", args.device).type
+    if args.cpu_offload and device != "cuda":
+        raise UsageError("--cpu-offload needs CUDA")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
         args.dtype, torch.bfloat16 if device == "cuda" else torch.float32)
 
-    from diffusers import CogVideoXPipeline
+    from .. import models
+    from ..models._video import recording
 
-    from ..models import cogvideox
-
+    cls = pipeline_class(model)
     with warnings.catch_warnings():  # newer diffusers renamed torch_dtype; older lack dtype
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        pipe = CogVideoXPipeline.from_pretrained(str(model), torch_dtype=dtype)
-    cfg = pipe.transformer.config
-    height = args.height or cfg.sample_height * pipe.vae_scale_factor_spatial
-    width = args.width or cfg.sample_width * pipe.vae_scale_factor_spatial
+        pipe = cls.from_pretrained(str(model), torch_dtype=dtype)
+    adapter = getattr(models.adapter_for(pipe), "ADAPTER", None)
+    if adapter is None:
+        raise UsageError(f"--model {str(model)!r} holds {cls.__name__}, not a video model")
+    default = adapter.default_video(pipe.transformer, pipe)
+    height = args.height or default[1]
+    width = args.width or default[2]
+    with user_input():
+        handle = models.patch(
+            pipe, pattern=args.pattern, num_frames=args.frames, height=height, width=width,
+            decay_factor=args.decay, dense_layers=args.dense_layers,
+            dense_timesteps=args.dense_timesteps, scenes=scenes, backend=args.backend,
+            block_size=args.block_size, tuned=args.tuned,
+        )
     if args.cpu_offload:
-        if device != "cuda":
-            raise UsageError("--cpu-offload needs CUDA")
         pipe.enable_model_cpu_offload()
     else:
         pipe.to(device)
-
-    handle = cogvideox.patch(
-        pipe, pattern=args.pattern, num_frames=args.frames, height=height, width=width,
-        decay_factor=args.decay, dense_layers=args.dense_layers,
-        dense_timesteps=args.dense_timesteps, scenes=scenes, backend=args.backend,
-        block_size=args.block_size, tuned=args.tuned,
-    )
-    layout, mask = handle.extra["layout"], handle.extra["mask"]
+    settings = handle.state.settings
+    layout, mask = settings.layout, settings.mask
     density = "1.000 (dense)" if mask is None or mask.is_dynamic else f"{mask.density():.3f}"
     print(f"flexsparse video: {args.frames} frames at {height}x{width} -> {layout.length} "
           f"tokens; mask {mask!r}, density {density}")
 
-    out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.save_mask:
         _save_mask(mask, layout, out.with_name(out.stem + "_mask.png"))
 
     generator = None if args.seed is None else torch.Generator("cpu").manual_seed(args.seed)
-    with cogvideox.recording(pipe) as trace:
-        result = pipe(
-            prompt=args.prompt, negative_prompt=args.negative_prompt, num_frames=args.frames,
-            height=height, width=width, num_inference_steps=args.steps,
-            guidance_scale=args.guidance, generator=generator, output_type="np",
-            max_sequence_length=cfg.max_text_seq_length,
-        )
+    call = dict(prompt=args.prompt, negative_prompt=args.negative_prompt,
+                num_frames=args.frames, height=height, width=width,
+                num_inference_steps=args.steps, guidance_scale=args.guidance,
+                generator=generator, output_type="np")
+    if layout.text_tokens and "max_sequence_length" in inspect.signature(pipe.__call__).parameters:
+        call["max_sequence_length"] = layout.text_tokens  # the text length patched for
+    with recording(pipe) as trace:
+        result = pipe(**call)
     if args.trace:
         for line in format_trace(trace):
             print(line)

@@ -97,15 +97,18 @@ def _quant_v(
 @triton.jit
 def _attn_block(
     acc, l_i, m_i, q, c_q, Kb, Vb, Ks, start_n, q_pos, row_ok, N_KV, V_ROW, V_COL, thr,
-    MASK: tl.constexpr, PV_FP8: tl.constexpr, USE_PVT: tl.constexpr, FOLD: tl.constexpr,
-    PVT_BRANCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    Wb, word0,
+    MASK: tl.constexpr, PV_FP8: tl.constexpr, USE_PVT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, WORDS: tl.constexpr,
+    BITS_GATHER: tl.constexpr = False,
 ):
     """One (query tile, key block) step of the online softmax; scores in log2 units.
 
-    MASK: 0 none, 1 key columns past N_KV, 2 causal (which also drops them for valid
-    rows). FOLD: keep ``x = MAGIC + qk`` (exact) and fold the magic offset, the scale and
-    the running max into one FMA per element, ``p = 2^(x*c - (MAGIC*c + m))``; else
-    ``t = (x - MAGIC) * c`` first (two more ops per element, bit-equal to the reference).
+    MASK: 0 none (full tiles: no ``tl.where`` on the hot path), 1 key columns past N_KV,
+    2 causal (which also drops them for valid rows), 3 the packed bits of a partial tile
+    (``Wb``: int32 ``[BLOCK_M, WORDS]`` of the tile, ``word0``: first word of this block).
+    ``x = MAGIC + qk`` is exact; the magic offset, the scale and the running max fold
+    into one FMA per element, ``p = 2^(x*c - (MAGIC*c + m))``.
     """
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
@@ -113,42 +116,40 @@ def _attn_block(
     c = c_q * tl.load(Ks + start_n // BLOCK_N)
     qk = tl.dot(q, k)  # int32, |qk| <= 127 * 127 * D < 2**22
     x = (qk + MAGIC_INT).to(tl.float32, bitcast=True)  # == MAGIC_FLOAT + qk exactly
-    if not FOLD:
-        x = (x - MAGIC_FLOAT) * c
     if MASK == 1:
         x = tl.where((offs_n < N_KV)[None, :], x, float("-inf"))
     if MASK == 2:
         x = tl.where(q_pos[:, None] >= offs_n[None, :], x, float("-inf"))
-    if FOLD:
-        m_blk = (tl.max(x, 1) - MAGIC_FLOAT) * c
-    else:
-        m_blk = tl.max(x, 1)
+    if MASK == 3:
+        cols = tl.arange(0, BLOCK_N)
+        rows = tl.arange(0, BLOCK_M)
+        if BITS_GATHER:
+            # One 4-byte load per score element (the first version; kept for comparison).
+            w = tl.load(Wb + rows[:, None] * WORDS + (word0 + cols[None, :] // 32))
+        else:
+            # Each row's BLOCK_N / 32 words loaded once as [BLOCK_M] vectors (a few loads
+            # per thread instead of one per element), spread over the columns by selects.
+            w = tl.broadcast_to(tl.load(Wb + rows * WORDS + word0)[:, None], [BLOCK_M, BLOCK_N])
+            for j in tl.static_range(1, BLOCK_N // 32):
+                wj = tl.load(Wb + rows * WORDS + (word0 + j))
+                w = tl.where((cols // 32 == j)[None, :], wj[:, None], w)
+        x = tl.where(((w >> (cols[None, :] % 32)) & 1) != 0, x, float("-inf"))
+    m_blk = (tl.max(x, 1) - MAGIC_FLOAT) * c
     m_new = tl.maximum(m_i, m_blk)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_safe)
     shift = m_safe
     if PV_FP8:
         shift = shift - LOG2_FP8_MAX
-    if FOLD:
-        p = tl.math.exp2(x * c - (shift + MAGIC_FLOAT * c)[:, None])
-    else:
-        p = tl.math.exp2(x - shift[:, None])
+    p = tl.math.exp2(x * c - (shift + MAGIC_FLOAT * c)[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     v = tl.load(Vb + offs_n[:, None] * V_ROW + offs_d[None, :] * V_COL)  # [BLOCK_N, D]
     if USE_PVT:
+        # SpargeAttn's PV skip as a zeroed P: a branch around the MMA breaks Triton's
+        # WGMMA pipelining (measured 21.5 ms instead of 9.7 ms on the 2b dense shape).
         gap = tl.max(tl.where(row_ok, m_blk - m_safe, float("-inf")), 0)
-        if PVT_BRANCH:
-            # Skips the MMA. The product goes to a fresh accumulator: Triton's WGMMA
-            # pipelining mishandles a loop-carried accumulator updated under an ``if``.
-            if gap >= -thr:
-                pv = tl.dot(p.to(v.dtype), v)
-            else:
-                pv = tl.zeros([BLOCK_M, D], tl.float32)
-            acc += pv
-        else:
-            # Same result without a branch (no time saved): zero P of a skipped block.
-            acc += tl.dot(tl.where(gap >= -thr, p, 0.0).to(v.dtype), v)
+        acc += tl.dot(tl.where(gap >= -thr, p, 0.0).to(v.dtype), v)
     else:
         acc += tl.dot(p.to(v.dtype), v)
     return acc, l_i, m_new
@@ -156,17 +157,24 @@ def _attn_block(
 
 @triton.jit
 def _attn(
-    Q, K, V, Qs, Ks, Vs, Out, NumBlk, IdxBlk, Pvt,
+    Q, K, V, Qs, Ks, Vs, Out, FullNum, FullIdx, PartNum, PartIdx, PartOff, Bits, Pvt,
     sob, soh, son, V_ROW, V_COL,
     snb, snh, sib, sih, siq,
     HQ, GROUP, N_Q, N_KV, NQ_PAD, NK_PAD, Q_OFF, NQB, NKB, NKT,
-    MODE: tl.constexpr,  # 0 dense, 1 causal, 2 tile list
-    PV_FP8: tl.constexpr, USE_PVT: tl.constexpr, FOLD: tl.constexpr, PVT_BRANCH: tl.constexpr,
+    MODE: tl.constexpr,  # 0 dense, 1 causal, 2 tile lists (full, then partial with bits)
+    PV_FP8: tl.constexpr, USE_PVT: tl.constexpr, HAS_PARTIAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr,
+    BITS_GATHER: tl.constexpr = False,
 ):
     """One query tile of one (b, h). Q, K: int8 [B, H, N_PAD, D]; V: fp8 [B, Hkv, D, NK_PAD]
     (PV_FP8) or fp16 [B, Hkv, NK_PAD, D]; Qs [B, HQ, NQB], Ks [B, Hkv, NKB] fp32;
-    Vs [B, Hkv, D] fp32; Out [B, HQ, N_Q, D]."""
+    Vs [B, Hkv, D] fp32; Out [B, HQ, N_Q, D].
+
+    MODE 2: FullNum/PartNum [Bm, Hm, Qb] and FullIdx/PartIdx [Bm, Hm, Qb, KVb] are the
+    BlockMask's ``full_kv_*`` / ``kv_*`` lists (one set of strides: both come from one
+    BlockMask); PartOff [Bm, Hm, Qb] int64 the first partial entry of each list in Bits,
+    int32 [P, BLOCK_M, TILE_N // 32] (bit c of word w: column 32 w + c of the tile).
+    """
     pid_m = tl.program_id(0)
     if MODE == 1:
         # Causal: the longest rows first, so the short ones fill the tail of the grid.
@@ -181,6 +189,7 @@ def _attn(
     offs_d = tl.arange(0, D)
     row_ok = offs_m < N_Q
     q_pos = offs_m + Q_OFF
+    WORDS: tl.constexpr = TILE_N // 32
 
     q = tl.load(Q + bh.to(tl.int64) * NQ_PAD * D + offs_m[:, None] * D + offs_d[None, :])
     c_q = tl.load(Qs + bh.to(tl.int64) * NQB + pid_m)
@@ -200,12 +209,12 @@ def _attn(
         for start_n in range(0, n_full, BLOCK_N):
             acc, l_i, m_i = _attn_block(
                 acc, l_i, m_i, q, c_q, Kb, Vb, Ks, start_n, q_pos, row_ok, N_KV, V_ROW,
-                V_COL, thr, 0, PV_FP8, USE_PVT, FOLD, PVT_BRANCH, BLOCK_M, BLOCK_N, D,
+                V_COL, thr, Bits, 0, 0, PV_FP8, USE_PVT, BLOCK_M, BLOCK_N, D, WORDS,
             )
         if n_full < N_KV:  # the ragged last block
             acc, l_i, m_i = _attn_block(
                 acc, l_i, m_i, q, c_q, Kb, Vb, Ks, n_full, q_pos, row_ok, N_KV, V_ROW,
-                V_COL, thr, 1, PV_FP8, USE_PVT, FOLD, PVT_BRANCH, BLOCK_M, BLOCK_N, D,
+                V_COL, thr, Bits, 0, 1, PV_FP8, USE_PVT, BLOCK_M, BLOCK_N, D, WORDS,
             )
     elif MODE == 1:
         # Blocks every row of the tile sees in full, then the diagonal band.
@@ -214,36 +223,49 @@ def _attn(
         for start_n in range(0, lo_diag, BLOCK_N):
             acc, l_i, m_i = _attn_block(
                 acc, l_i, m_i, q, c_q, Kb, Vb, Ks, start_n, q_pos, row_ok, N_KV, V_ROW,
-                V_COL, thr, 0, PV_FP8, USE_PVT, FOLD, PVT_BRANCH, BLOCK_M, BLOCK_N, D,
+                V_COL, thr, Bits, 0, 0, PV_FP8, USE_PVT, BLOCK_M, BLOCK_N, D, WORDS,
             )
         for start_n in range(lo_diag, hi, BLOCK_N):
             acc, l_i, m_i = _attn_block(
                 acc, l_i, m_i, q, c_q, Kb, Vb, Ks, start_n, q_pos, row_ok, N_KV, V_ROW,
-                V_COL, thr, 2, PV_FP8, USE_PVT, FOLD, PVT_BRANCH, BLOCK_M, BLOCK_N, D,
+                V_COL, thr, Bits, 0, 2, PV_FP8, USE_PVT, BLOCK_M, BLOCK_N, D, WORDS,
             )
     else:
-        n_ptr = NumBlk + b * snb + h * snh + pid_m
-        i_ptr = IdxBlk + b.to(tl.int64) * sib + h.to(tl.int64) * sih + pid_m * siq
-        n_tiles = tl.load(n_ptr)
-        # Tiles come in ascending order: only a last tile past N_KV needs the column mask.
-        last = tl.load(i_ptr + tl.maximum(n_tiles - 1, 0))
+        lst = b.to(tl.int64) * snb + h.to(tl.int64) * snh + pid_m
+        i_off = b.to(tl.int64) * sib + h.to(tl.int64) * sih + pid_m * siq
+        # Full tiles: ascending, so only a last tile past N_KV needs the column mask.
+        n_tiles = tl.load(FullNum + lst)
+        last = tl.load(FullIdx + i_off + tl.maximum(n_tiles - 1, 0))
         ragged = (n_tiles > 0) & (last == NKT - 1) & (N_KV % TILE_N != 0)
         n_plain = n_tiles - ragged.to(tl.int32)
         for i in range(0, n_plain):
-            tile = tl.load(i_ptr + i)
+            tile = tl.load(FullIdx + i_off + i)
             for s in tl.static_range(TILE_N // BLOCK_N):
                 acc, l_i, m_i = _attn_block(
                     acc, l_i, m_i, q, c_q, Kb, Vb, Ks, tile * TILE_N + s * BLOCK_N, q_pos,
-                    row_ok, N_KV, V_ROW, V_COL, thr, 0, PV_FP8, USE_PVT, FOLD, PVT_BRANCH, BLOCK_M,
-                    BLOCK_N, D,
+                    row_ok, N_KV, V_ROW, V_COL, thr, Bits, 0, 0, PV_FP8, USE_PVT, BLOCK_M,
+                    BLOCK_N, D, WORDS,
                 )
         if ragged:
             for s in tl.static_range(TILE_N // BLOCK_N):
                 acc, l_i, m_i = _attn_block(
                     acc, l_i, m_i, q, c_q, Kb, Vb, Ks, last * TILE_N + s * BLOCK_N, q_pos,
-                    row_ok, N_KV, V_ROW, V_COL, thr, 1, PV_FP8, USE_PVT, FOLD, PVT_BRANCH, BLOCK_M,
-                    BLOCK_N, D,
+                    row_ok, N_KV, V_ROW, V_COL, thr, Bits, 0, 1, PV_FP8, USE_PVT, BLOCK_M,
+                    BLOCK_N, D, WORDS,
                 )
+        if HAS_PARTIAL:
+            # Partial tiles: the token rule from the packed bits (0 past N_KV and N_Q).
+            n_part = tl.load(PartNum + lst)
+            first = tl.load(PartOff + lst)
+            for i in range(0, n_part):
+                tile = tl.load(PartIdx + i_off + i)
+                Wb = Bits + (first + i) * (BLOCK_M * WORDS)
+                for s in tl.static_range(TILE_N // BLOCK_N):
+                    acc, l_i, m_i = _attn_block(
+                        acc, l_i, m_i, q, c_q, Kb, Vb, Ks, tile * TILE_N + s * BLOCK_N,
+                        q_pos, row_ok, N_KV, V_ROW, V_COL, thr, Wb, s * (BLOCK_N // 32), 3,
+                        PV_FP8, USE_PVT, BLOCK_M, BLOCK_N, D, WORDS, BITS_GATHER,
+                    )
 
     inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)
     out = acc * inv_l[:, None]

@@ -1,4 +1,4 @@
-"""Quantized block-sparse attention: host side, support rules and the PyTorch reference.
+"""Quantized block-sparse attention: host side, the backend and the PyTorch reference.
 
 The arithmetic (identical in the Triton kernel and in ``quant_reference``)
 -------------------------------------------------------------------------
@@ -12,24 +12,29 @@ rows of the ``Nk x Nk`` attention (query row ``r`` sits at position ``r + Nk - N
    to every score, which softmax ignores), then quantized the same way per block of
    ``block_n`` (64 or 128) rows.
 3. Scores of key block ``j``: ``t = float(q_i · k_iᵀ) * (s_q * s_k[j])`` in fp32 (the int32
-   dot is exact; padded key columns get ``-inf``, the causal rule too).
-4. Online softmax over the kept key blocks in ascending order:
+   dot is exact); pairs the mask drops, padded key columns and the causal rule give
+   ``-inf``.
+4. Online softmax over the key blocks:
    ``m_new = max(m, rowmax(t))``, ``alpha = 2^(m - m_new)``, ``p = 2^(t - m_new + c)``,
    ``l = l * alpha + rowsum(p)``, ``acc = acc * alpha + round(p) @ v_q``.
    ``pv_dtype="fp8"``: ``c = log2(448)`` (P scaled into the e4m3 range), ``p`` rounded to
    e4m3, ``v_q = e4m3(v / s_v)`` with the per-channel ``s_v = max_tokens|v| / 448``;
    ``pv_dtype="fp16"``: ``c = 0``, ``p`` and ``v`` (clamped to ±65504) rounded to fp16.
    Accumulation in fp32. Output ``acc / l`` (times ``s_v``), zeros where ``l == 0``.
+   A key block whose pairs are all dropped changes nothing (``alpha = 1``, ``p = 0``),
+   which is why skipping empty tiles is exact. The kernel walks a query tile's full
+   tiles first, then its partial tiles; the reference walks key blocks in ascending
+   order: the two agree up to the rounding of ``p`` against a different running max.
 5. **pvthreshd** (per query head, SpargeAttn-style): for query tile ``i`` and key block
    ``j``, the P·V product is skipped when ``max_r (rowmax(t)[r] - m_new[r]) < -pvthreshd``
    over the tile's valid rows, i.e. every probability of the block is below
    ``2^-pvthreshd`` of its row's running maximum. ``l`` still counts them.
 
-Tile skipping: a mask is accepted when every ``128 x 128`` tile (``BLOCK_M x TILE_N``) is
-empty or full for this call; its full tiles become the list the kernel walks (the
-``full_kv_num_blocks / full_kv_indices`` of the BlockMask). Masks with partial tiles
-are refused (``supports`` says why) and ``backend="auto"`` uses FlexAttention for them.
-Plain causal masks need no list: the kernel applies the causal rule on the diagonal.
+Tiles: the kernel reads the call's ``BlockMask`` at ``128 x 128`` or ``128 x 64`` tiles
+(``TILE_SIZES``): ``full_kv_num_blocks / full_kv_indices`` are computed without a rule,
+``kv_num_blocks / kv_indices`` (partial tiles) with the token rule, from one bit per
+pair packed per tile (``tile_lists``, cached with the BlockMask). Masks that are exactly
+causal or full need no list: the kernel applies the causal rule on the diagonal.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from __future__ import annotations
 import functools
 import math
 import weakref
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -48,11 +54,19 @@ LOG2E = 1.4426950408889634
 LOG2_FP8_MAX = math.log2(448.0)
 FP8_MAX = 448.0
 AMAX_EPS = 1e-20
-#: Query rows per program and per Q scale; key columns per mask tile.
+#: Query rows per program and per Q scale.
 BLOCK_M = 128
+#: Key columns per mask tile when none is asked for.
 TILE_N = 128
+#: The BlockMask tile sizes the kernel reads (SpargeAttn predicts 128 x 64).
+TILE_SIZES = ((128, 128), (128, 64))
 HEAD_DIMS = (64, 128)
 PV_DTYPES = ("auto", "fp8", "fp16")
+#: Above this many bytes of packed partial-tile bits the backend declines the call.
+MAX_BITS_BYTES = 512 << 20
+#: Partial tiles: one word load per score element (True, the first version) or each
+#: row's words once (False). Benchmarks flip it to compare the two in one run.
+BITS_GATHER = False
 
 # -- quantization helpers (PyTorch, any device) --------------------------------------------
 
@@ -103,31 +117,117 @@ def to_fp8(x: Tensor) -> Tensor:
     return x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(torch.float32)
 
 
-# -- tile lists ------------------------------------------------------------------------------
-
-_TILE_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# -- tile lists from the BlockMask ----------------------------------------------------------
 
 
-def mask_tiles(mask, q_len: int, kv_len: int, device) -> tuple[int, Tensor, Tensor, Tensor]:
-    """``(n_partial, kept, num, idx)`` of ``mask`` at ``BLOCK_M x TILE_N`` for one call.
+@dataclass(frozen=True)
+class TileLists:
+    """What the kernel reads of a ``BlockMask`` (tensors on the BlockMask's device).
 
-    ``kept`` is bool ``[Bm, Hm, Qb, KVb]`` (``Bm``/``Hm`` 1 when the mask broadcasts), ``num``
-    int32 ``[Bm, Hm, Qb]`` and ``idx`` int32 ``[Bm, Hm, Qb, KVb]`` list the full tiles in
-    ascending order (what ``BlockMask.full_kv_num_blocks / full_kv_indices`` hold). Cached
-    per mask, lengths and device.
+    Attributes:
+        tile: ``(128, tile_n)``.
+        full_num, part_num: int32 ``[Bm, Hm, Qb]``; full_idx, part_idx: int32
+            ``[Bm, Hm, Qb, KVb]`` (the BlockMask's ``full_kv_*`` and ``kv_*``).
+        part_off: int64 ``[Bm, Hm, Qb]``, the first entry of each partial list in ``bits``.
+        bits: int32 ``[P, 128, tile_n // 32]``: bit ``c`` of word ``w`` of row ``r`` says
+            whether pair (row ``r``, column ``32 w + c``) of the tile is kept (0 past the
+            sequence); ``P`` = partial tiles in all lists.
     """
-    per_mask = _TILE_CACHE.setdefault(mask, {})
-    key = (q_len, kv_len, str(torch.device(device)))
-    hit = per_mask.get(key)
-    if hit is None:
-        states = mask.tile_states(q_len, kv_len, (BLOCK_M, TILE_N), device=device)
-        while states.dim() < 4:
-            states = states.unsqueeze(0)
-        n_partial = int((states == T.PARTIAL).sum())
-        kept = states == T.FULL
-        num, idx = T._ordered(kept)
-        hit = (n_partial, kept, num, idx)
-        per_mask[key] = hit
+
+    tile: tuple[int, int]
+    full_num: Tensor
+    full_idx: Tensor
+    part_num: Tensor
+    part_idx: Tensor
+    part_off: Tensor
+    bits: Tensor
+
+    @property
+    def n_partial(self) -> int:
+        return self.bits.shape[0]
+
+
+_LISTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _as_lists(num: Tensor | None, idx: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor]:
+    if num is None:  # a BlockMask without full tiles listed
+        return torch.zeros_like(like, dtype=torch.int32), torch.zeros(
+            *like.shape, 1, dtype=torch.int32, device=like.device
+        )
+    return num.to(torch.int32).contiguous(), idx.to(torch.int32).contiguous()
+
+
+def _pack_bits(kept: Tensor) -> Tensor:
+    """bool ``[P, R, C]`` (C a multiple of 32) -> int32 ``[P, R, C // 32]``, bit c of word
+    w = column 32 w + c."""
+    p, r, c = kept.shape
+    weights = torch.bitwise_left_shift(
+        torch.ones(32, dtype=torch.int64, device=kept.device),
+        torch.arange(32, device=kept.device),
+    )
+    words = (kept.view(p, r, c // 32, 32).to(torch.int64) * weights).sum(-1)
+    # Two's complement: words >= 2**31 are the negative int32 with the same bits.
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def partial_bits(block_mask, num: Tensor, idx: Tensor, chunk: int = 4096) -> Tensor:
+    """Packed token rule of the partial tiles ``num / idx`` of ``block_mask`` (see
+    ``TileLists.bits``), evaluating ``block_mask.mask_mod`` on those tiles only."""
+    bq, bk = block_mask.BLOCK_SIZE
+    q_len, kv_len = block_mask.seq_lengths
+    dev = num.device
+    entries = torch.arange(idx.shape[-1], device=dev) < num[..., None].long()
+    where = entries.nonzero()  # [P, 4]: b, h, q tile, list position (flattened order)
+    if where.shape[0] == 0:
+        return torch.zeros(0, bq, bk // 32, dtype=torch.int32, device=dev)
+    cols = idx[entries].long()
+    dq = torch.arange(bq, device=dev)[None, :, None]
+    dk = torch.arange(bk, device=dev)[None, None, :]
+    out = []
+    for s in range(0, where.shape[0], chunk):
+        w, c = where[s:s + chunk], cols[s:s + chunk]
+        q = w[:, 2, None, None] * bq + dq
+        kv = c[:, None, None] * bk + dk
+        ok = (q < q_len) & (kv < kv_len)
+        # Clamped so that a rule's lookup tensors are never indexed past the sequence.
+        kept = block_mask.mask_mod(
+            w[:, 0, None, None], w[:, 1, None, None], q.clamp(max=q_len - 1),
+            kv.clamp(max=kv_len - 1),
+        )
+        out.append(_pack_bits(kept.expand_as(ok) & ok))
+    return torch.cat(out)
+
+
+def tile_lists(block_mask) -> TileLists:
+    """The kernel's view of ``block_mask`` (a ``BlockMask`` at a size of ``TILE_SIZES``),
+    computed once per BlockMask object (its partial-tile bits included)."""
+    hit = _LISTS.get(block_mask)
+    if hit is not None:
+        return hit
+    tile = tuple(block_mask.BLOCK_SIZE)
+    if tile not in TILE_SIZES:
+        raise ValueError(f"block_mask tiles must be one of {TILE_SIZES}, got {tile}")
+    part_num, part_idx = block_mask.kv_num_blocks, block_mask.kv_indices
+    full_num, full_idx = _as_lists(
+        block_mask.full_kv_num_blocks, block_mask.full_kv_indices, part_num
+    )
+    part_num, part_idx = _as_lists(part_num, part_idx, part_num)
+    if full_idx.shape != part_idx.shape:  # one set of strides in the kernel
+        width = max(full_idx.shape[-1], part_idx.shape[-1])
+        full_idx = torch.nn.functional.pad(full_idx, (0, width - full_idx.shape[-1]))
+        part_idx = torch.nn.functional.pad(part_idx, (0, width - part_idx.shape[-1]))
+    if full_num.shape != part_num.shape:
+        shape = torch.broadcast_shapes(full_num.shape, part_num.shape)
+        full_num, part_num = (t.expand(shape).contiguous() for t in (full_num, part_num))
+        full_idx, part_idx = (
+            t.expand(*shape, t.shape[-1]).contiguous() for t in (full_idx, part_idx)
+        )
+    flat = part_num.flatten().long()
+    part_off = (torch.cumsum(flat, 0) - flat).view(part_num.shape).contiguous()
+    bits = partial_bits(block_mask, part_num, part_idx)
+    hit = TileLists(tile, full_num, full_idx, part_num, part_idx, part_off, bits)
+    _LISTS[block_mask] = hit
     return hit
 
 
@@ -152,40 +252,34 @@ def _triton_error() -> str | None:
     return None
 
 
-def supports(q: Tensor, k: Tensor, mask) -> str | None:
-    """None when the quant kernel can run this call, else the reason it cannot."""
+def device_reasons(q: Tensor) -> list[str]:
+    """Why the kernel cannot run on ``q``'s device, dtype and head_dim (empty: it can)."""
     if q.device.type != "cuda":
-        return f"needs a CUDA device, got {q.device.type}"
+        return [f"needs a CUDA device, got {q.device.type}"]
+    out = []
     major, minor = torch.cuda.get_device_capability(q.device)
     if (major, minor) < (8, 0):
-        return f"needs compute capability 8.0 or newer, got {major}.{minor}"
+        out.append(f"needs compute capability 8.0 or newer, got {major}.{minor}")
     if q.shape[-1] not in HEAD_DIMS:
-        return f"head_dim must be one of {HEAD_DIMS}, got {q.shape[-1]}"
+        out.append(f"head_dim must be one of {HEAD_DIMS}, got {q.shape[-1]}")
     if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype must be float16 or bfloat16, got {q.dtype}"
+        out.append(f"dtype must be float16 or bfloat16, got {q.dtype}")
     err = _triton_error()
     if err:
-        return err
-    if _mode_of(mask) == "tiles":
-        n_partial = mask_tiles(mask, q.shape[2], k.shape[2], q.device)[0]
-        if n_partial:
-            return (
-                f"mask {mask.name!r} has {n_partial} partial {BLOCK_M}x{TILE_N} tiles; the "
-                "quant kernel takes block-granular masks (empty/full tiles) only"
-            )
-    return None
+        out.append(err)
+    return out
 
 
 def default_pv_dtype(device) -> str:
     """The P·V precision ``pv_dtype="auto"`` picks: ``"fp16"``.
 
-    FP8 P carries 3 mantissa bits: on inputs with flat attention (random data) that alone
-    is ~3.6 % relative L2 error, over the 3e-2 budget, so FP8 (sm_89+) is opt-in."""
+    FP8 P carries 3 mantissa bits: on inputs with flat attention (random data) P and V
+    rounding give ~3.6 % relative L2 error, over the 3e-2 budget, so FP8 is opt-in."""
     del device
     return "fp16"
 
 
-def _check_inputs(q, k, v, pvthreshd, pv_dtype, block_n, kept):
+def _check_inputs(q, k, v, pvthreshd, pv_dtype, block_n, kept, tile_n=TILE_N):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -204,18 +298,24 @@ def _check_inputs(q, k, v, pvthreshd, pv_dtype, block_n, kept):
     if q.shape[3] not in HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {q.shape[3]}")
     check_choice("pv_dtype", pv_dtype, PV_DTYPES)
+    check_int("tile_n", tile_n, minimum=1)
+    if tile_n not in (64, 128):
+        raise ValueError(f"tile_n must be 64 or 128, got {tile_n}")
     check_int("block_n", block_n, minimum=1)
-    if block_n not in (64, 128):
-        raise ValueError(f"block_n must be 64 or 128, got {block_n}")
+    if block_n not in (64, 128) or block_n > tile_n:
+        raise ValueError(f"block_n must be 64 or 128 and <= tile_n ({tile_n}), got {block_n}")
     if kept is not None:
-        if kept.dtype != torch.bool or kept.dim() != 4:
-            raise TypeError(f"kept must be a 4-D bool tensor, got {kept.dtype} {tuple(kept.shape)}")
-        qb, kb = -(-q.shape[2] // BLOCK_M), -(-k.shape[2] // TILE_N)
+        if not isinstance(kept, Tensor) or kept.dtype != torch.bool or kept.dim() != 4:
+            raise TypeError(
+                f"kept must be a 4-D bool tensor, got {getattr(kept, 'dtype', type(kept))} "
+                f"{tuple(getattr(kept, 'shape', ()))}"
+            )
+        qb, kb = -(-q.shape[2] // BLOCK_M), -(-k.shape[2] // tile_n)
         if tuple(kept.shape[2:]) != (qb, kb) or kept.shape[0] not in (1, q.shape[0]) or (
             kept.shape[1] not in (1, q.shape[1])
         ):
             raise ValueError(
-                f"kept must be [1 or B, 1 or Hq, {qb}, {kb}] (tiles of {BLOCK_M}x{TILE_N}), "
+                f"kept must be [1 or B, 1 or Hq, {qb}, {kb}] (tiles of {BLOCK_M}x{tile_n}), "
                 f"got {tuple(kept.shape)}"
             )
     pvt = None
@@ -237,13 +337,35 @@ def _check_inputs(q, k, v, pvthreshd, pv_dtype, block_n, kept):
 # -- the reference ---------------------------------------------------------------------------
 
 
+def _element_mask(mask, kept, tile_n, nq, nk, dev) -> Tensor | None:
+    """bool ``[1|B, 1|Hq, Nq, Nk]`` from an element mask and / or a tile map, or None."""
+    out = None
+    if kept is not None:
+        out = kept.to(dev).repeat_interleave(BLOCK_M, -2).repeat_interleave(tile_n, -1)
+        out = out[..., :nq, :nk]
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or not (
+            2 <= mask.dim() <= 4
+        ) or tuple(mask.shape[-2:]) != (nq, nk):
+            raise ValueError(
+                f"mask must be a bool [.., {nq}, {nk}] tensor (query rows x keys), got "
+                f"{getattr(mask, 'dtype', type(mask))} {tuple(getattr(mask, 'shape', ()))}"
+            )
+        while mask.dim() < 4:
+            mask = mask.unsqueeze(0)
+        out = mask.to(dev) if out is None else out & mask.to(dev)
+    return out
+
+
 def quant_reference(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     *,
     causal: bool = False,
+    mask: Tensor | None = None,
     kept: Tensor | None = None,
+    tile_n: int = TILE_N,
     scale: float | None = None,
     pvthreshd: float | Tensor | None = None,
     pv_dtype: str = "auto",
@@ -254,29 +376,33 @@ def quant_reference(
     Args:
         q: ``[B, Hq, Nq, D]``; k, v: ``[B, Hkv, Nk, D]``; fp16/bf16/fp32.
         causal: key ``j`` visible to query row ``r`` iff ``j <= r + Nk - Nq``.
-        kept: bool ``[1|B, 1|Hq, ceil(Nq/128), ceil(Nk/128)]``: the 128x128 tiles to compute
-            (None: all).
+        mask: bool ``[Nq, Nk]``, ``[1|Hq, Nq, Nk]`` or ``[1|B, 1|Hq, Nq, Nk]``: the pairs
+            kept (e.g. ``Mask.to_dense(Nq, Nk)``); None: all.
+        kept: bool ``[1|B, 1|Hq, ceil(Nq/128), ceil(Nk/tile_n)]``: the tiles to compute
+            (None: all); combined with ``mask`` by ``&``.
+        tile_n: key columns per tile of ``kept`` (64 or 128).
         scale: softmax scale, default ``D ** -0.5``.
         pvthreshd: None (off), a number or ``[Hq]`` values in log2 units (module docstring).
         pv_dtype: ``"fp8"``, ``"fp16"`` or ``"auto"`` (``default_pv_dtype``).
-        block_n: key rows per K scale and per online-softmax step (64 or 128; None: the
-            kernel's default for this head_dim and pv_dtype, ``CONFIGS``).
+        block_n: key rows per K scale and per online-softmax step (64 or 128, at most
+            ``tile_n``; None: the kernel's default, ``CONFIGS``).
 
     Returns:
-        ``[B, Hq, Nq, D]`` in the dtype of ``q``.
+        ``[B, Hq, Nq, D]`` in the dtype of ``q``; rows with no kept key are zeros.
     """
     check_choice("pv_dtype", pv_dtype, PV_DTYPES)
     if pv_dtype == "auto":
         pv_dtype = default_pv_dtype(q.device)
     if block_n is None:
-        block_n = CONFIGS.get((q.shape[-1], pv_dtype), (64,))[0]
-    pvt = _check_inputs(q, k, v, pvthreshd, pv_dtype, block_n, kept)
+        block_n = config(q.shape[-1], pv_dtype, tile_n)[0]
+    pvt = _check_inputs(q, k, v, pvthreshd, pv_dtype, block_n, kept, tile_n)
     fp8 = pv_dtype == "fp8"
     bsz, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     group = hq // hkv
     scale = d**-0.5 if scale is None else float(scale)
     dev = q.device
+    allowed = _element_mask(mask, kept, tile_n, nq, nk, dev)
 
     qi, qs = quantize_blocks(q, BLOCK_M, scale * LOG2E)
     ki, ks = quantize_blocks(k, block_n, 1.0, k_mean(k))
@@ -294,48 +420,43 @@ def quant_reference(
         vq = v.float().clamp(-65504, 65504).to(torch.float16).float()[:, heads]
         c = 0.0
     vq = torch.nn.functional.pad(vq, (0, 0, 0, nkb * block_n - nk))
+    if allowed is not None:
+        allowed = torch.nn.functional.pad(
+            allowed, (0, nkb * block_n - nk, 0, nqb * BLOCK_M - nq)
+        ).view(*allowed.shape[:2], nqb, BLOCK_M, nkb * block_n)
 
     rows = torch.arange(nqb * BLOCK_M, device=dev).view(nqb, BLOCK_M)
     row_ok = rows < nq  # [NQB, BM]
     q_pos = (rows + nk - nq)[..., None]
-    if kept is not None:
-        # kept tiles of 128 keys -> per key block of block_n
-        kept_blk = kept.repeat_interleave(TILE_N // block_n, dim=-1)[..., :nkb]
-        kept_blk = kept_blk.expand(bsz, hq, nqb, nkb)
     thr = None if pvt is None else pvt.to(dev)[None, :, None]
 
     m = torch.full((bsz, hq, nqb, BLOCK_M), -math.inf, device=dev)
     l_sum = torch.zeros_like(m)
     acc = torch.zeros(bsz, hq, nqb, BLOCK_M, d, device=dev)
     for j in range(nkb):
-        cols = torch.arange(j * block_n, (j + 1) * block_n, device=dev)
-        s = torch.einsum("bhqmd,bhnd->bhqmn", qf, kf[:, :, j * block_n:(j + 1) * block_n])
+        lo, hi = j * block_n, (j + 1) * block_n
+        cols = torch.arange(lo, hi, device=dev)
+        s = torch.einsum("bhqmd,bhnd->bhqmn", qf, kf[:, :, lo:hi])
         cscale = (qs * ks[:, :, j : j + 1])[..., None, None]  # fp32, as the kernel
         t = s.float() * cscale
         t = t.masked_fill((cols >= nk)[None, None, None, None, :], -math.inf)
         if causal:
             t = t.masked_fill((q_pos < cols)[None, None], -math.inf)
+        if allowed is not None:
+            t = t.masked_fill(~allowed[..., lo:hi], -math.inf)
         m_blk = t.amax(-1)
         m_new = torch.maximum(m, m_blk)
         m_safe = torch.where(m_new == -math.inf, 0.0, m_new)
         alpha = torch.exp2(m - m_safe)
         p = torch.exp2(t - (m_safe - c)[..., None])
-        l_new = l_sum * alpha + p.sum(-1)
+        l_sum = l_sum * alpha + p.sum(-1)
         pq = to_fp8(p) if fp8 else p.to(torch.float16).float()
-        pv = pq @ vq[:, :, None, j * block_n:(j + 1) * block_n]
-        acc_new = acc * alpha[..., None]
+        pv = pq @ vq[:, :, None, lo:hi]
         if thr is not None:
             gap = torch.where(row_ok, m_blk - m_safe, -math.inf).amax(-1)  # [B, Hq, NQB]
-            do_pv = gap >= -thr
-            pv = pv * do_pv[..., None, None]
-        acc_new = acc_new + pv
-        if kept is not None:
-            take = kept_blk[..., j]
-            m = torch.where(take[..., None], m_new, m)
-            l_sum = torch.where(take[..., None], l_new, l_sum)
-            acc = torch.where(take[..., None, None], acc_new, acc)
-        else:
-            m, l_sum, acc = m_new, l_new, acc_new
+            pv = pv * (gap >= -thr)[..., None, None]
+        acc = acc * alpha[..., None] + pv
+        m = m_new
     out = acc * torch.where(l_sum > 0, 1.0 / l_sum, 0.0)[..., None]
     if fp8:
         out = out * sv[:, heads][:, :, None, None, :]
@@ -344,20 +465,30 @@ def quant_reference(
 
 # -- the kernel launcher ---------------------------------------------------------------------
 
-#: Launch configuration per (head_dim, pv_dtype): block_n, num_warps, num_stages.
-#: D=64 measured on an H100 (CogVideoX-2b dense, fold=True): bn128 w4 s3 9.76 ms (fp16),
-#: 9.69 (fp8); bn64 w4 s3 10.4 / 10.2; bn128 w8 s3 13.2 / 11.7; cuDNN SDPA 11.4.
-#: D=128: not timed yet (bn64 w8 keeps the fp32 tiles of 128 rows in registers).
-CONFIGS: dict[tuple[int, str], tuple[int, int, int]] = {
-    (64, "fp8"): (128, 4, 3),
-    (128, "fp8"): (64, 8, 3),
-    (64, "fp16"): (128, 4, 3),
-    (128, "fp16"): (64, 8, 3),
+#: Launch configuration per (head_dim, pv_dtype, tile_n): block_n, num_warps, num_stages.
+#: Measured on an H100 (2026-11-25, dense 2x30x17776 D=64 / 2x24x17776 D=128, effective
+#: TOPS; benchmarks/results/kernel_notes.md): D=64 fp16 bn128 w4 s3 491, fp8 bn128 w4 s2
+#: 466; D=128 fp16 bn64 w4 s3 637 (w8: 573), fp8 bn128 w8 s3 623, fp8 bn64 w8 s3 546.
+CONFIGS: dict[tuple[int, str, int], tuple[int, int, int]] = {
+    (64, "fp16", 128): (128, 4, 3),
+    (64, "fp8", 128): (128, 4, 2),
+    (128, "fp16", 128): (64, 4, 3),
+    (128, "fp8", 128): (128, 8, 3),
+    (64, "fp16", 64): (64, 4, 3),
+    (64, "fp8", 64): (64, 4, 3),
+    (128, "fp16", 64): (64, 4, 3),
+    (128, "fp8", 64): (64, 8, 3),
 }
-#: pvthreshd skips the P·V MMA with a branch (True) or zeroes P (False, no time saved).
-#: Measured (H100, Triton 3.6, 2b dense shape): the branch breaks the WGMMA pipelining,
-#: 21.5 ms instead of 9.7 ms, so the branch-free form is the default.
-PVT_BRANCH = False
+
+
+def config(head_dim: int, pv_dtype: str, tile_n: int) -> tuple[int, int, int]:
+    """``(block_n, num_warps, num_stages)`` for a call (``CONFIGS``)."""
+    return CONFIGS.get((head_dim, pv_dtype, tile_n), (64, 4, 3))
+
+
+def _list_strides(t: Tensor, dims: int) -> list[int]:
+    """Strides of the leading ``[Bm, Hm]`` dims, 0 where the lists broadcast."""
+    return [t.stride(i) if t.shape[i] > 1 else 0 for i in range(dims)]
 
 
 def quant_attention(
@@ -366,35 +497,32 @@ def quant_attention(
     v: Tensor,
     *,
     causal: bool = False,
+    block_mask=None,
     kept: Tensor | None = None,
-    tile_list: tuple[Tensor, Tensor] | None = None,
+    tile_n: int | None = None,
     scale: float | None = None,
     pvthreshd: float | Tensor | None = None,
     pv_dtype: str = "auto",
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    fold: bool = True,
-    pvt_branch: bool | None = None,
 ) -> Tensor:
     """Quantized block-sparse attention (Triton; CUDA, or ``TRITON_INTERPRET=1``).
 
     Args:
         q: ``[B, Hq, Nq, D]``; k, v: ``[B, Hkv, Nk, D]``; fp16/bf16, D in {64, 128}.
         causal: in-kernel causal rule (query rows are the last ``Nq`` rows).
-        kept: bool ``[1|B, 1|Hq, Qb, KVb]`` tiles of ``128 x 128`` to compute, or
-        tile_list: ``(num [1|B, 1|Hq, Qb] int32, idx [.., Qb, KVb] int32)``: the full tiles
-            per query tile, ascending (``BlockMask.full_kv_num_blocks / full_kv_indices`` of
-            a 128x128 BlockMask without partial tiles). None of both: dense.
+        block_mask: a ``BlockMask`` for ``Nq x Nk`` at ``128 x 128`` or ``128 x 64`` tiles:
+            full tiles computed without a rule, partial ones with its ``mask_mod``
+            (``tile_lists``), or
+        kept: bool ``[1|B, 1|Hq, Qb, KVb]`` whole tiles of ``128 x tile_n`` to compute.
+            None of both: dense.
+        tile_n: columns per tile of ``kept`` (64 or 128; default 128).
         scale: softmax scale (default ``D ** -0.5``).
         pvthreshd: None, a number or ``[Hq]`` values (log2 units; see module docstring).
         pv_dtype: ``"fp8"`` (sm_89+), ``"fp16"`` or ``"auto"`` (``default_pv_dtype``).
         block_n, num_warps, num_stages: launch overrides (benchmarks); defaults from
             ``CONFIGS``.
-        fold: fold the int->float offset, scale and running max into one FMA per score
-            (faster; equal to the reference up to fp32 rounding of a per-row constant).
-        pvt_branch: skip the P·V MMA of a pvthreshd-dropped block with a branch (saves
-            time) rather than zeroing its P (None: ``PVT_BRANCH``).
 
     Returns:
         ``[B, Hq, Nq, D]`` in the dtype of ``q``; rows with no kept key are zeros.
@@ -403,26 +531,44 @@ def quant_attention(
 
     if pv_dtype == "auto":
         pv_dtype = default_pv_dtype(q.device)
-    cfg = CONFIGS[(q.shape[-1], pv_dtype)]
-    block_n = cfg[0] if block_n is None else block_n
+    check_choice("pv_dtype", pv_dtype, PV_DTYPES)
+    if block_mask is not None and kept is not None:
+        raise ValueError("pass block_mask or kept, not both")
+    lists = None
+    if block_mask is not None:
+        lists = tile_lists(block_mask)
+        if tile_n is not None and tile_n != lists.tile[1]:
+            raise ValueError(f"tile_n={tile_n} but block_mask has tiles {lists.tile}")
+        tile_n = lists.tile[1]
+        if tuple(block_mask.seq_lengths) != (q.shape[2], k.shape[2]):
+            raise ValueError(
+                f"block_mask is for lengths {tuple(block_mask.seq_lengths)}, the call has "
+                f"({q.shape[2]}, {k.shape[2]})"
+            )
+    tile_n = TILE_N if tile_n is None else tile_n
+    cfg = config(q.shape[-1], pv_dtype, tile_n if tile_n in (64, 128) else TILE_N)
+    block_n = min(cfg[0], tile_n) if block_n is None else block_n
     num_warps = cfg[1] if num_warps is None else num_warps
     num_stages = cfg[2] if num_stages is None else num_stages
-    pvt = _check_inputs(q, k, v, pvthreshd, pv_dtype, block_n, kept)
+    pvt = _check_inputs(q, k, v, pvthreshd, pv_dtype, block_n, kept, tile_n)
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"q, k, v must be float16 or bfloat16, got {q.dtype}")
-    if kept is not None and tile_list is not None:
-        raise ValueError("pass kept or tile_list, not both")
+    if causal and (kept is not None or lists is not None):
+        raise ValueError("causal=True takes no tiles (apply causality in the mask)")
+    dev = q.device
     if kept is not None:
-        tile_list = T._ordered(kept)
-    if causal and tile_list is not None:
-        raise ValueError("causal=True takes no tile list (apply causality in the mask tiles)")
+        full_num, full_idx = T._ordered(kept.to(dev))
+        lists = TileLists(
+            (BLOCK_M, tile_n), full_num, full_idx, torch.zeros_like(full_num),
+            torch.zeros_like(full_idx), torch.zeros_like(full_num, dtype=torch.int64),
+            torch.zeros(0, BLOCK_M, tile_n // 32, dtype=torch.int32, device=dev),
+        )
     fp8 = pv_dtype == "fp8"
     bsz, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     scale = d**-0.5 if scale is None else float(scale)
-    dev = q.device
-    nqb, nkt = -(-nq // BLOCK_M), -(-nk // TILE_N)
-    nq_pad, nk_pad = nqb * BLOCK_M, nkt * TILE_N
+    nqb, nkt = -(-nq // BLOCK_M), -(-nk // tile_n)
+    nq_pad, nk_pad = nqb * BLOCK_M, nkt * tile_n
     nkb = nk_pad // block_n
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -448,54 +594,110 @@ def quant_attention(
         sv = inv = qs  # unused
         vq = torch.empty(bsz, hkv, nk_pad, d, dtype=torch.float16, device=dev)
         v_row, v_col = d, 1
-    K._quant_v[(nkt, bsz * hkv)](
+    K._quant_v[(nk_pad // 64, bsz * hkv)](
         v, inv, vq, v.stride(0), v.stride(1), v.stride(2),
-        hkv, nk, nk_pad, OUT_FP8=fp8, BLOCK=TILE_N, D=d, num_warps=4,
+        hkv, nk, nk_pad, OUT_FP8=fp8, BLOCK=64, D=d, num_warps=4,
     )
 
-    if tile_list is not None:
-        num, idx = (t.to(device=dev, dtype=torch.int32).contiguous() for t in tile_list)
-        if num.dim() != 3 or idx.dim() != 4:
-            raise ValueError(
-                f"tile_list must be (num [Bm, Hm, Qb], idx [Bm, Hm, Qb, KVb]), got "
-                f"{tuple(num.shape)} and {tuple(idx.shape)}"
-            )
+    if lists is not None:
         mode = 2
-        snb = num.stride(0) if num.shape[0] > 1 else 0
-        snh = num.stride(1) if num.shape[1] > 1 else 0
-        sib = idx.stride(0) if idx.shape[0] > 1 else 0
-        sih = idx.stride(1) if idx.shape[1] > 1 else 0
-        siq = idx.stride(2)
+        for name, t in (("full", lists.full_num), ("partial", lists.part_num)):
+            if t.dim() != 3 or t.shape[2] != nqb or t.shape[0] not in (1, bsz) or (
+                t.shape[1] not in (1, hq)
+            ):
+                raise ValueError(
+                    f"the {name} tile lists must be [1 or B, 1 or Hq, {nqb}], got "
+                    f"{tuple(t.shape)}"
+                )
+        snb, snh = _list_strides(lists.full_num, 2)
+        sib, sih = _list_strides(lists.full_idx, 2)
+        siq = lists.full_idx.stride(2)
+        tl_args = (lists.full_num, lists.full_idx, lists.part_num, lists.part_idx,
+                   lists.part_off, lists.bits if lists.n_partial else lists.full_num)
     else:
         mode = 1 if causal else 0
-        num = idx = qs  # unused
         snb = snh = sib = sih = siq = 0
-    if pvt is None:
-        pvt_dev = qs  # unused
-    else:
-        pvt_dev = pvt.to(dev)
+        tl_args = (qs,) * 5 + (torch.zeros(1, dtype=torch.int32, device=dev),)  # unused
+    pvt_dev = qs if pvt is None else pvt.to(dev)
 
     out = torch.empty(bsz, hq, nq, d, dtype=q.dtype, device=dev)
     K._attn[(nqb, bsz * hq)](
-        qi, ki, vq, qs, ks, sv, out, num, idx, pvt_dev,
+        qi, ki, vq, qs, ks, sv, out, *tl_args, pvt_dev,
         out.stride(0), out.stride(1), out.stride(2), v_row, v_col,
         snb, snh, sib, sih, siq,
         hq, hq // hkv, nq, nk, nq_pad, nk_pad, nk - nq, nqb, nkb, nkt,
-        MODE=mode, PV_FP8=fp8, USE_PVT=pvt is not None, FOLD=fold,
-        PVT_BRANCH=PVT_BRANCH if pvt_branch is None else pvt_branch,
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, TILE_N=TILE_N, D=d,
+        MODE=mode, PV_FP8=fp8, USE_PVT=pvt is not None,
+        HAS_PARTIAL=lists is not None and lists.n_partial > 0,
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, TILE_N=tile_n, D=d, BITS_GATHER=BITS_GATHER,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
 
-# -- the backend protocol ----------------------------------------------------------------
+# -- the backend ---------------------------------------------------------------------------
+
+
+def _tile_size(call) -> tuple[int, int]:
+    """The BlockMask tiles for ``call``: asked for, else the mask's own (meansim predicts
+    at 128 x 64), else 128 x 128."""
+    if call.block_size is not None:
+        return tuple(call.block_size)
+    native = getattr(call.mask, "native_block_size", None)
+    if native is not None and tuple(native) in TILE_SIZES:
+        return tuple(native)
+    return (BLOCK_M, TILE_N)
+
+
+class QuantBackend:
+    """``backend="quant"`` of ``flexsparse.attention`` (the ``Backend`` protocol of
+    ``flexsparse.call``): the quantized kernel on the call's BlockMask."""
+
+    name = "quant"
+
+    def not_supported_reasons(self, call) -> list[str]:
+        """Why the kernel cannot run ``call`` (empty when it can)."""
+        reasons = device_reasons(call.q)
+        tile = _tile_size(call)
+        if tile not in TILE_SIZES:
+            reasons.append(f"block_size must be one of {TILE_SIZES}, got {tile}")
+        if reasons or _mode_of(call.mask) != "tiles":
+            return reasons
+        bm = call.block_mask(tile)
+        n_partial = int(bm.kv_num_blocks.sum())
+        need = n_partial * BLOCK_M * tile[1] // 8
+        if need > MAX_BITS_BYTES:
+            reasons.append(
+                f"mask {call.mask.name!r} has {n_partial} partial {tile[0]}x{tile[1]} tiles: "
+                f"{need >> 20} MiB of packed bits, over the {MAX_BITS_BYTES >> 20} MiB limit"
+            )
+        return reasons
+
+    def run(self, call) -> Tensor:
+        """``[B, Hq, Q, D]`` in ``q``'s dtype (``not_supported_reasons`` was empty)."""
+        mode = _mode_of(call.mask)
+        if mode == "tiles":
+            bm = call.block_mask(_tile_size(call))
+            return quant_attention(call.q, call.k, call.v, block_mask=bm, scale=call.scale)
+        return quant_attention(
+            call.q, call.k, call.v, causal=mode == "causal", scale=call.scale
+        )
+
+
+# -- the old entry points (kept until attention.py uses QuantBackend) ----------------------
+
+
+def supports(q: Tensor, k: Tensor, mask) -> str | None:
+    """None when the quant kernel can run this call, else the reasons it cannot."""
+    from ..call import AttentionCall
+
+    call = AttentionCall(q, k, k, mask, q.shape[-1] ** -0.5, q.shape[1] != k.shape[1])
+    reasons = QuantBackend().not_supported_reasons(call)
+    return "; ".join(reasons) if reasons else None
 
 
 def run(q: Tensor, k: Tensor, v: Tensor, mask, scale, enable_gqa) -> Tensor:
-    """``flexsparse.attention`` backend entry (``supports`` said yes)."""
-    mode = _mode_of(mask)
-    if mode == "tiles":
-        _, kept, num, idx = mask_tiles(mask, q.shape[2], k.shape[2], q.device)
-        return quant_attention(q, k, v, tile_list=(num, idx), scale=scale)
-    return quant_attention(q, k, v, causal=mode == "causal", scale=scale)
+    """``flexsparse.attention``'s old backend entry (``supports`` said yes)."""
+    from ..call import AttentionCall
+
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return QuantBackend().run(AttentionCall(q, k, v, mask, scale, bool(enable_gqa)))

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import tiles as T
-from .._checks import check_int
+from .._checks import check_bool, check_int
 from ..mask import Mask
 
 
@@ -21,7 +21,7 @@ def full() -> Mask:
     def mask_mod(b, h, q_idx, kv_idx):
         return (q_idx >= 0) | (kv_idx >= 0)
 
-    return Mask(mask_mod, T.full_states, name="full", sdpa_hint="full")
+    return Mask(T.broadcasts(mask_mod), T.full_states, name="full", sdpa_hint="full")
 
 
 def causal() -> Mask:
@@ -36,7 +36,7 @@ def causal() -> Mask:
         kv_lo, kv_hi = grid.cols()
         return T.from_bounds(kv_hi <= q_lo, kv_lo <= q_hi)
 
-    return Mask(mask_mod, rule, name="causal", sdpa_hint="causal")
+    return Mask(T.broadcasts(mask_mod), rule, name="causal", sdpa_hint="causal")
 
 
 def sliding_window(window: int) -> Mask:
@@ -55,7 +55,7 @@ def sliding_window(window: int) -> Mask:
         d_min, d_max = q_lo - kv_hi, q_hi - kv_lo
         return T.from_bounds((d_max < w) & (-d_min < w), (d_min < w) & (-d_max < w))
 
-    return Mask(mask_mod, rule, name=f"window({w})")
+    return Mask(T.broadcasts(mask_mod), rule, name=f"window({w})")
 
 
 def kv_prefix(n: int) -> Mask:
@@ -70,7 +70,7 @@ def kv_prefix(n: int) -> Mask:
         states = T.from_bounds(kv_hi < n, kv_lo < n)
         return states.expand(grid.shape).contiguous()
 
-    return Mask(mask_mod, rule, name=f"kv_prefix({n})")
+    return Mask(T.broadcasts(mask_mod), rule, name=f"kv_prefix({n})")
 
 
 def prefix_lm(n: int) -> Mask:
@@ -83,6 +83,7 @@ def prefix_lm(n: int) -> Mask:
 def document(lengths: Sequence[int], *, causal: bool = True) -> Mask:  # noqa: F811
     """Packed documents of the given ``lengths``: a token sees only its own document
     (causally by default). The mask is bound to ``sum(lengths)`` tokens."""
+    check_bool("causal", causal)
     if isinstance(lengths, (int, str)) or not hasattr(lengths, "__iter__"):
         raise TypeError(f"lengths must be a list of document lengths, got {lengths!r}")
     lengths = [check_int(f"lengths[{i}]", n, minimum=1) for i, n in enumerate(lengths)]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections import OrderedDict
 
 import torch
 from torch import Tensor
@@ -113,7 +114,12 @@ def block_stats(x: Tensor, block: int, lead: int = 0, smooth: bool = False):
     each) is reduced on its own and only pooled (its self-similarity is ``-inf``).
     """
     b, h, n, d = x.shape
-    if smooth:
+    fast = _fast().stats_supported(x, block) if x.is_cuda and x.numel() else False
+    mean = None
+    if smooth and fast:
+        # The kernel subtracts the mean itself: no float32 copy of x.
+        mean = torch.mean(x, dim=-2, dtype=torch.float32)
+    elif smooth:
         xf = x.to(torch.float32)
         x = xf - xf.mean(dim=-2, keepdim=True)
     f32 = torch.float32
@@ -123,6 +129,8 @@ def block_stats(x: Tensor, block: int, lead: int = 0, smooth: bool = False):
     head = min(n, (block - lead % block) % block) if lead else 0
     full = (n - head) // block
     tail = n - head - full * block
+    if fast and full:
+        return _fast_block_stats(x, block, head, full, tail, lead, nb, mean)
     pooled, selfsim, counts = [], [], []
     if head:
         pooled.append(_partial_mean(x[:, :, :head], lead, block - lead - head, head))
@@ -164,6 +172,35 @@ def block_stats(x: Tensor, block: int, lead: int = 0, smooth: bool = False):
     # Built from arange (a host list would be a host-to-device copy).
     pos = torch.arange(nb, device=x.device)
     complete = (pos >= (1 if head else 0)) & (pos < nb - (1 if tail else 0))
+    return pooled, selfsim, complete
+
+
+def _fast():
+    from ..kernels import meansim_fast
+
+    return meansim_fast
+
+
+def _fast_block_stats(x, block, head, full, tail, lead, nb, mean):
+    """``block_stats`` with the complete blocks reduced by one Triton kernel (CUDA); the
+    partial leading / trailing block as in the PyTorch path."""
+    b, h, n, d = x.shape
+    f32 = torch.float32
+    pooled = torch.empty(b, h, nb, d, dtype=f32, device=x.device)
+    selfsim = torch.full((b, h, nb), -math.inf, dtype=f32, device=x.device)
+    first = 1 if head else 0
+    _fast().full_block_stats(x, block, head, full, pooled, selfsim, first, mean)
+
+    def part(sl):
+        xp = x[:, :, sl].to(f32)
+        return xp if mean is None else xp - mean[:, :, None, :]
+
+    if head:
+        pooled[:, :, :1] = _partial_mean(part(slice(0, head)), lead, block - lead - head, head)
+    if tail:
+        pooled[:, :, -1:] = _partial_mean(part(slice(n - tail, n)), 0, block - tail, tail)
+    pos = torch.arange(nb, device=x.device)
+    complete = (pos >= first) & (pos < nb - (1 if tail else 0))
     return pooled, selfsim, complete
 
 
@@ -220,6 +257,11 @@ def select_tiles(
     prob = score.softmax(-1)
     # A row with no finite score gives NaN; all its allowed tiles are kept by step 4.
     prob = torch.nan_to_num(prob, nan=0.0)
+    if prob.is_cuda and prob.numel() and _fast().available(prob):
+        return _fast().select(
+            prob, sim_q, sim_k, cdfthreshd, topk, block_q=block_q, block_kv=block_kv,
+            causal=causal, attention_sink=attention_sink, q_block_offset=q_block_offset,
+        )
     # Only the sorted values are needed (ties are resolved below as a stable sort would).
     ordered = torch.sort(prob, dim=-1, descending=True).values
     if cdfthreshd is not None:
@@ -266,8 +308,11 @@ def _predict(q, k, sim1, cdf, top, block_q, block_kv, causal, attention_sink, sm
 # at most ``_COMPILE_BUDGET`` keys. FLEXSPARSE_COMPILE=0 keeps everything eager,
 # FLEXSPARSE_COMPILE=1 compiles on every device (CPU included).
 _COMPILE_BUDGET = 8
+#: Shapes remembered for the "seen twice" rule; the oldest is forgotten past this many
+#: (a decode loop brings a new shape every step).
+_SEEN_LIMIT = 64
 _compiled = None
-_seen: dict = {}
+_seen: OrderedDict = OrderedDict()
 _compiled_keys: set = set()
 _failed = False
 
@@ -281,9 +326,13 @@ def _want_compile(q: Tensor, k: Tensor, key) -> bool:
         return False
     if torch.compiler.is_compiling():
         return False
+    if q.is_cuda and _fast().available(q):
+        return False  # the Triton kernels (opt-in) run eagerly
     if key in _compiled_keys:
         return True
-    _seen[key] = _seen.get(key, 0) + 1
+    _seen[key] = _seen.pop(key, 0) + 1
+    while len(_seen) > _SEEN_LIMIT:
+        _seen.popitem(last=False)
     if len(_compiled_keys) >= _COMPILE_BUDGET:
         return False
     if q.shape[2] == k.shape[2] or _seen[key] >= 2:
@@ -320,7 +369,13 @@ class MeansimMask(DynamicMask):
     ``BlockMask`` at that size. The bound mask keeps whole tiles: with ``causal=True`` the
     diagonal tiles are kept in full, so compose with ``masks.causal()`` for exact causality
     (``fs.attention(q, k, v, mask=meansim(..., causal=True) & masks.causal())``).
+
+    The predicted map stands in for dense attention (``approximates_dense``): where it
+    would skip too few tiles to pay, ``attention(..., backend="auto")`` runs dense instead.
     """
+
+    #: Its tiles approximate dense attention; ``auto`` may drop a map that saves nothing.
+    approximates_dense = True
 
     def __init__(
         self,

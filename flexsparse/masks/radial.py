@@ -33,14 +33,15 @@ HunyuanVideo, 117 x 768 x 1280, δ=0.95 115,456  0.278  0.263  0.722
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .. import tiles as T
-from .._checks import check_choice, check_float, check_int
-from ..layout import VideoLayout
+from .._checks import check_bool, check_choice, check_float, check_int
+from ..layout import MODEL_PRESETS, VideoLayout
 from ..mask import Mask
 
 MODELS = ("cogvideox", "hunyuan", "wan")
@@ -106,17 +107,25 @@ def radial(
     model: str = "cogvideox",
     block_size: int = 128,
     granularity: str = "block",
+    keep_diagonal: bool = True,
 ) -> Mask:
     """Radial attention over a video layout.
 
     Args:
         layout: the ``VideoLayout`` (frames, tokens per frame, text and where it sits).
         decay_factor: ``δ > 0``, scales the band width at frame distances ``d >= 2``.
-        model: ``"cogvideox"``, ``"hunyuan"`` or ``"wan"`` (rule variants, see the module).
+        model: ``"cogvideox"``, ``"hunyuan"`` or ``"wan"`` (rule variants, see the module),
+            or any ``VideoLayout.from_video`` preset name (``"cogvideox1.5"``,
+            ``"hunyuan_video"``, ``"wan2.1"``, ``"wan2.2-5b"``), which picks its variant.
         block_size: the tile size ``B`` of the original: the minimum band width, and the
             native block size of the ``"block"`` map.
         granularity: ``"block"`` (default) reproduces the original's block map (every kept
             tile computed densely); ``"token"`` is the exact token rule with partial tiles.
+        keep_diagonal: ``"block"`` only. True (default): the published map plus the
+            diagonal tiles of every block holding video, so that every query token sees at
+            least its own key (the published map leaves some tokens blind to their own
+            frame, e.g. the last 56 video tokens of CogVideoX 97 x 480 x 720). False: the
+            published map bit for bit. The token rule always keeps a token's own frame.
 
     Returns:
         A ``Mask`` bound to ``layout.length`` tokens. ``"block"``: block-granular at
@@ -126,23 +135,29 @@ def radial(
     if not isinstance(layout, VideoLayout):
         raise TypeError(f"layout must be a flexsparse.VideoLayout, got {type(layout).__name__}")
     decay_factor = check_float("decay_factor", decay_factor)
-    if not decay_factor > 0:
-        raise ValueError(f"decay_factor must be > 0, got {decay_factor}")
-    check_choice("model", model, MODELS)
+    if not 0 < decay_factor < math.inf:
+        raise ValueError(f"decay_factor must be > 0 and finite, got {decay_factor}")
+    check_choice("model", model, MODELS + tuple(k for k in MODEL_PRESETS if k not in MODELS))
+    model = MODEL_PRESETS[model]["radial"] if model in MODEL_PRESETS else model
     block_size = check_int("block_size", block_size, minimum=1)
     check_choice("granularity", granularity, GRANULARITIES)
+    keep_diagonal = check_bool("keep_diagonal", keep_diagonal)
     tables = radial_tables(layout, model, decay_factor, block_size)
     name = f"radial({model}, δ={decay_factor:g}, {granularity})"
     if granularity == "block":
-        return _block_radial(layout, tables, block_size, name)
+        if not keep_diagonal:
+            name = f"radial({model}, δ={decay_factor:g}, block, published)"
+        return _block_radial(layout, tables, block_size, name, keep_diagonal)
     return _token_radial(layout, tables, name)
 
 
 # -- granularity="block": the original's tile map ------------------------------------------
-def _block_radial(layout: VideoLayout, tables: RadialTables, block: int, name: str) -> Mask:
+def _block_radial(
+    layout: VideoLayout, tables: RadialTables, block: int, name: str, keep_diagonal: bool
+) -> Mask:
     def on_device(device):
         # The map is built once per device, on that device (Mask caches the result).
-        kept = radial_block_map(layout, tables, block, device)
+        kept = radial_block_map(layout, tables, block, device, keep_diagonal)
         inner = Mask.from_tiles(kept, block, length=layout.length)
         return inner.mask_mod_for(device), inner.tile_rule_for(device)
 
@@ -153,7 +168,8 @@ def _block_radial(layout: VideoLayout, tables: RadialTables, block: int, name: s
 
 
 def radial_block_map(
-    layout: VideoLayout, tables: RadialTables, block: int, device="cpu"
+    layout: VideoLayout, tables: RadialTables, block: int, device="cpu",
+    keep_diagonal: bool = False,
 ) -> Tensor:
     """The original Radial Attention block map: bool ``[Nb, Nb]``, ``Nb = ceil(N / B)``.
 
@@ -165,15 +181,20 @@ def radial_block_map(
     Inside a pair the local mask is the band ``|i - j| <= w``, so a column's count of true
     rows in a tile is an interval overlap, computed in closed form for all pairs at once
     (pairs with the same offsets and width share one evaluation). Memory is bounded by
-    chunking; no ``N x N`` tensor is built.
+    chunking; no ``N x N`` tensor is built. ``keep_diagonal`` adds the diagonal tile of
+    every block holding video (see ``radial``).
+
+    The per-pair bookkeeping (frames^2 pairs, dedup of their local maps) is tiny and runs
+    on the CPU; ``device`` receives it in one copy, evaluates the distinct local maps and
+    does the one scatter that places every pair's, with no data-dependent sync.
     """
     device = torch.device(device)
     t, frames, n_tok = layout.tokens_per_frame, layout.frames, layout.length
     nb = -(-n_tok // block)
     n_loc = -(-t // block)
-    width = torch.tensor(tables.width, device=device)
-    keep = torch.tensor(tables.keep, device=device)
-    f = torch.arange(frames, device=device)
+    width = torch.tensor(tables.width)
+    keep = torch.tensor(tables.keep)
+    f = torch.arange(frames)
     fq, fk = f[:, None].expand(frames, frames).reshape(-1), f.repeat(frames)
     d = (fq - fk).abs()
     sink = (fk == 0) if tables.sink else torch.zeros_like(keep[d])
@@ -182,19 +203,29 @@ def radial_block_map(
     w = torch.where(sink, t, width[d])
     start_q = layout.video_start + fq * t
     start_k = layout.video_start + fk * t
-    # Pairs with equal (row offset, column offset, width) have equal local maps.
-    keys = torch.stack([start_q % block, start_k % block, w], dim=1)
-    uniq, inverse = torch.unique(keys, dim=0, return_inverse=True)
-    local = _local_tiles(uniq, t, block, n_loc)  # [U, n, n]
-    kept_local = local[inverse]  # [P, n, n]
-    a = torch.arange(n_loc, device=device)
-    rows = (start_q // block)[:, None, None] + a[None, :, None]
-    cols = (start_k // block)[:, None, None] + a[None, None, :]
-    inside = (rows < nb) & (cols < nb)
-    flat = torch.where(inside, rows * nb + cols, nb * nb)  # outside -> a spare slot
-    hits = torch.zeros(nb * nb + 1, dtype=torch.int32, device=device)
-    hits.index_add_(0, flat.reshape(-1), kept_local.reshape(-1).to(torch.int32))
-    out = (hits[:-1] > 0).view(nb, nb)
+    # Pairs with equal (row offset, column offset, width) have equal local maps; one
+    # integer code per triple keeps the dedup a 1-D unique.
+    code = ((start_q % block) * block + start_k % block) * (t + 1) + w
+    uniq, inverse = torch.unique(code, return_inverse=True)
+    keys = torch.stack([uniq // (t + 1) // block, uniq // (t + 1) % block, uniq % (t + 1)], 1)
+    # Scatter into an (Nb + n)^2 canvas so that local tiles past the edge need no test.
+    stride = nb + n_loc
+    base = (start_q // block) * stride + start_k // block
+    a = torch.arange(n_loc)
+    offs = (a[:, None] * stride + a[None, :]).reshape(-1)
+    diag = _video_blocks(layout, block, nb) if keep_diagonal else torch.zeros(nb, dtype=bool)
+    parts = (inverse, base, offs, keys.reshape(-1), diag.long())
+    packed = torch.cat(parts).to(device)
+    inverse, base, offs, keys, diag = packed.split([len(x) for x in parts])
+    # The distinct local maps: many per layout when frames start off the block grid
+    # (CogVideoX, Wan), so they are evaluated on the device.
+    local = _local_tiles(keys.view(-1, 3), t, block, n_loc)  # [U, n, n]
+    kept_local = local.view(-1, n_loc * n_loc)[inverse]  # [P, n * n]
+    flat = base[:, None] + offs[None, :]
+    spare = stride * stride
+    canvas = torch.zeros(spare + 1, dtype=torch.bool, device=device)
+    canvas[torch.where(kept_local, flat, spare)] = True
+    out = canvas[:spare].view(stride, stride)[:nb, :nb].contiguous()
     if layout.text_position == "end":
         # As the original: every block from video_tokens // B on (text, and a partial last
         # video block even without text) is kept whole.
@@ -203,7 +234,18 @@ def radial_block_map(
         lo, hi = 0, (layout.text_tokens - 1) // block if layout.text_tokens else -1
     out[lo : hi + 1] = True
     out[:, lo : hi + 1] = True
+    if keep_diagonal:
+        out.diagonal().logical_or_(diag.bool())
     return out
+
+
+def _video_blocks(layout: VideoLayout, block: int, nb: int) -> Tensor:
+    """bool ``[Nb]``: which blocks hold a video token. Tile ``(i // B, i // B)`` holds the
+    pair ``(i, i)``, so keeping those diagonal tiles lets every video query see at least
+    its own key, hence its own frame."""
+    starts = torch.arange(nb) * block
+    ends = torch.clamp(starts + block - 1, max=layout.length - 1)
+    return layout.tile_frames(starts, ends)["has_video"]
 
 
 def _local_tiles(keys: Tensor, t: int, block: int, n_loc: int) -> Tensor:
@@ -216,7 +258,9 @@ def _local_tiles(keys: Tensor, t: int, block: int, n_loc: int) -> Tensor:
     """
     device = keys.device
     per_key = n_loc * n_loc * block
-    step = max(1, _CHUNK_ELEMENTS // per_key)
+    # A GPU takes bigger chunks: fewer launches, and its memory holds them easily.
+    budget = _CHUNK_ELEMENTS * (1 if device.type == "cpu" else 8)
+    step = max(1, budget // per_key)
     a = torch.arange(n_loc, device=device)
     c = torch.arange(n_loc * block, device=device)
     out = []

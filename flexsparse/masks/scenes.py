@@ -9,7 +9,11 @@ which a 2-D prefix sum over the adjacency answers in O(1) per tile.
 
 from __future__ import annotations
 
+import json
+import os
+import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -101,39 +105,152 @@ def scene_starts(layout: VideoLayout, boundaries: Sequence[int], frame_units: st
     return vals
 
 
-def adjacency_matrix(adjacency: Any, num_scenes: int) -> Tensor:
-    """bool ``[S, S]`` from a matrix-like or a networkx graph, diagonal set."""
-    s = num_scenes
-    if _is_graph(adjacency):
-        adj = torch.zeros(s, s, dtype=torch.bool)
-        bad = [n for n in adjacency.nodes if not _scene_id(n, s)]
-        if bad:
-            raise ValueError(
-                f"adjacency graph nodes must be scene ids 0..{s - 1}, got {bad[:5]}"
-            )
-        for u, v in adjacency.edges():
-            adj[int(u), int(v)] = True
-            if not adjacency.is_directed():
-                adj[int(v), int(u)] = True
+ADJACENCY_FORMS = (
+    "a square 0/1 matrix (nested lists, numpy array or tensor; bool or numbers 0/1), a "
+    "networkx Graph/DiGraph on nodes 0..S-1, text with one row of digits per scene "
+    "('110,111,011') or rows split by ';' and entries by ',' ('1,1;1,1'), or a path to a "
+    ".json / .npy / .txt file holding one of these"
+)
+_FILE_SUFFIXES = (".json", ".npy", ".txt")
+
+
+def parse_adjacency(spec: Any, num_scenes: int | None = None) -> Tensor:
+    """Parse a scene adjacency from any form the library or the command line accepts.
+
+    Args:
+        spec: nested lists / numpy array / tensor of 0/1 (or bool), a ``networkx`` graph
+            whose nodes are ``0..S-1`` (undirected edges go both ways), the text forms
+            ``"110,111,011"`` (a row of digits per scene, rows split by ``,``) or
+            ``"1,1;1,1"`` (rows split by ``;`` or newlines, entries by ``,`` or spaces),
+            or a ``.json`` / ``.npy`` / ``.txt`` path holding one of those.
+        num_scenes: the expected ``S``; ``None`` takes it from ``spec``.
+
+    Returns:
+        bool ``[S, S]`` on the CPU, ``[a, b]`` = queries of scene ``a`` see keys of scene
+        ``b``, exactly as given (the diagonal is not forced here; ``scenes`` forces it).
+
+    Raises:
+        ValueError: malformed text, a missing file, a non-square or wrongly sized matrix,
+            entries other than 0/1 (NaN and complex included), bad graph nodes.
+        TypeError: ``spec`` is none of the accepted kinds (e.g. ``None`` or a dict).
+    """
+    if num_scenes is not None:
+        num_scenes = check_int("num_scenes", num_scenes, minimum=1)
+    if _is_graph(spec):
+        adj = _graph_matrix(spec, num_scenes)
     else:
+        data = _load(spec) if isinstance(spec, (str, os.PathLike)) else spec
+        adj = _matrix(data, spec, num_scenes)
+    return adj
+
+
+def adjacency_matrix(adjacency: Any, num_scenes: int) -> Tensor:
+    """bool ``[S, S]`` from any form ``parse_adjacency`` takes, diagonal set."""
+    return parse_adjacency(adjacency, num_scenes) | torch.eye(num_scenes, dtype=torch.bool)
+
+
+def _show(spec: Any) -> str:
+    text = repr(spec)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _bad(spec: Any, why: str) -> ValueError:
+    return ValueError(f"adjacency {why}; got {_show(spec)}. Accepted: {ADJACENCY_FORMS}")
+
+
+def _is_path(spec: str | os.PathLike) -> bool:
+    if isinstance(spec, os.PathLike):
+        return True
+    if "\n" in spec or ";" in spec:
+        return False
+    return spec.lower().endswith(_FILE_SUFFIXES) or os.path.isfile(spec)
+
+
+def _load(spec: str | os.PathLike) -> Any:
+    """Nested rows (or an array) from adjacency text or a file path."""
+    if not _is_path(spec):
+        return _parse_text(spec, spec)
+    path = Path(spec)
+    if not path.is_file():
+        raise _bad(spec, f"file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        content = path.read_text()
+        if suffix == ".json":
+            data = json.loads(content)
+            return _parse_text(data, spec) if isinstance(data, str) else data
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise _bad(spec, f"file {str(path)!r} could not be read ({err})") from None
+    return _parse_text(content, spec)
+
+
+def _parse_text(text: str, spec: Any) -> list[list[float]]:
+    # Rows split by ';' or newlines take ',' or spaces between entries; without them the
+    # CLI's '110,111,011' form splits rows at ','. A row that is one run of digits is a
+    # row of one-digit entries in both forms.
+    if ";" in text or "\n" in text.strip():
+        rows = [r.replace(",", " ").split() for r in re.split(r"[;\n]", text)]
+    else:
+        rows = [r.split() for r in text.split(",")]
+    rows = [r for r in rows if r]
+    if not rows:
+        raise _bad(spec, "is empty")
+    out = []
+    for row in rows:
+        if len(row) == 1 and row[0].isdigit():
+            row = list(row[0])
         try:
-            arr = np.asarray(
-                adjacency.detach().cpu() if isinstance(adjacency, Tensor) else adjacency
-            )
+            out.append([float(x) for x in row])
         except ValueError:
-            raise ValueError(f"adjacency must be a square matrix, got {adjacency!r}") from None
-        if arr.dtype == object or not (arr.dtype == bool or np.issubdtype(arr.dtype, np.number)):
-            raise TypeError(
-                f"adjacency must be a boolean matrix or a networkx graph, got {arr.dtype} "
-                f"{type(adjacency).__name__}"
-            )
-        if arr.shape != (s, s):
-            raise ValueError(
-                f"adjacency must be {s} x {s} (one row and column per scene), got shape "
-                f"{arr.shape}"
-            )
-        adj = torch.from_numpy(arr != 0)
-    return adj | torch.eye(s, dtype=torch.bool)
+            raise _bad(spec, f"row {' '.join(row)!r} is not a row of 0/1 entries") from None
+    return out
+
+
+def _matrix(data: Any, spec: Any, num_scenes: int | None) -> Tensor:
+    if isinstance(data, Tensor):
+        data = data.detach().cpu()
+        if data.dtype == torch.bfloat16:
+            data = data.float()
+        data = data.numpy()
+    if not isinstance(data, (list, tuple, np.ndarray)):
+        raise TypeError(f"adjacency must be one of: {ADJACENCY_FORMS}; got {_show(spec)} "
+                        f"({type(spec).__name__})")
+    try:
+        arr = np.asarray(data)
+    except (TypeError, ValueError):
+        raise _bad(spec, "must be a square matrix (rows of equal length)") from None
+    if num_scenes is not None and arr.shape != (num_scenes, num_scenes):
+        raise ValueError(
+            f"adjacency must be {num_scenes} x {num_scenes} (one row and column per scene), "
+            f"got shape {arr.shape} from {_show(spec)}"
+        )
+    if arr.ndim != 2 or arr.shape[0] != arr.shape[1] or arr.size == 0:
+        raise _bad(spec, f"must be a non-empty square matrix (found shape {arr.shape})")
+    if arr.dtype == bool:
+        return torch.from_numpy(arr.copy())
+    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+        raise _bad(spec, f"entries must be 0/1 or booleans (found dtype {arr.dtype})")
+    if not np.isin(arr, (0, 1)).all():
+        bad = arr[~np.isin(arr, (0, 1))].ravel()[:3].tolist()
+        raise _bad(spec, f"entries must be 0 or 1 (found {bad})")
+    return torch.from_numpy(arr != 0)
+
+
+def _graph_matrix(graph: Any, num_scenes: int | None) -> Tensor:
+    s = len(graph.nodes) if num_scenes is None else num_scenes
+    bad = [n for n in graph.nodes if not _scene_id(n, s)]
+    if bad or s == 0:
+        raise ValueError(
+            f"adjacency graph nodes must be scene ids 0..{s - 1}, got {bad[:5] or 'no nodes'}"
+        )
+    adj = torch.zeros(s, s, dtype=torch.bool)
+    for u, v in graph.edges():
+        adj[int(u), int(v)] = True
+        if not graph.is_directed():
+            adj[int(v), int(u)] = True
+    return adj
 
 
 def _is_graph(obj: Any) -> bool:

@@ -1,9 +1,12 @@
 """What the model integrations share: the handle a ``patch`` call leaves on the model.
 
-``llama.patch`` and ``cogvideox.patch`` store a ``PatchHandle`` on the patched module as
+Every ``patch`` (``llama.patch``, ``cogvideox.patch`` and the other diffusers adapters,
+``flexsparse.models.patch``) stores a ``PatchHandle`` on the patched module as
 ``module._flexsparse_patch``. It records which layers are patched, with what, and lets
 tools observe the attention inputs of every patched layer (calibration in
-``flexsparse.tune`` registers an observer; nothing is observed otherwise).
+``flexsparse.tune`` registers an observer; nothing is observed otherwise). The state of a
+diffusers video patch is the typed ``handle.state`` (``flexsparse.models._video.VideoState``);
+``handle.extra`` holds the LLaMA integration's own state.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ class PatchHandle:
         backend: the ``flexsparse.attention`` backend the layers use.
         observers: called with every patched layer's ``(layer_idx, q, k, v)``.
         restore: undoes the patch.
-        extra: integration-specific state.
+        state: the typed state of a diffusers video patch (``_video.VideoState``: layout,
+            step counter, trace, settings); None for LLaMA.
+        extra: the LLaMA integration's state (string keys).
     """
 
     kind: str
@@ -43,6 +48,7 @@ class PatchHandle:
     backend: str = "auto"
     observers: list[Observer] = field(default_factory=list)
     restore: Callable[[], None] | None = None
+    state: Any = None
     extra: dict = field(default_factory=dict)
 
     def notify(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -60,11 +66,15 @@ class PatchHandle:
 
 
 def get_handle(module) -> PatchHandle:
-    """The ``PatchHandle`` of a patched model, or a ``ValueError`` saying how to patch."""
+    """The ``PatchHandle`` of a patched model (or of a pipeline's patched ``.transformer``),
+    or a ``ValueError`` saying how to patch."""
     handle = getattr(module, ATTR, None)
+    if handle is None:
+        inner = getattr(module, "transformer", None)
+        handle = getattr(inner, ATTR, None) if inner is not None else None
     if handle is None:
         raise ValueError(
             f"{type(module).__name__} is not patched by flexsparse: call "
-            "flexsparse.models.llama.patch(model, ...) or flexsparse.models.cogvideox.patch(...)"
+            "flexsparse.models.patch(model_or_pipeline, ...) first"
         )
     return handle

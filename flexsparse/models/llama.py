@@ -24,20 +24,36 @@ stay transformers' own):
 Semantics of the mask in a patched layer:
 
 - The flexsparse mask *replaces* the model's causal mask (compose with ``masks.causal()``
-  yourself; every built-in LLM pattern is causal already). Query rows of a call are the
-  last ``q_len`` rows of the mask, which is what a decode step with a ``DynamicCache``
-  needs (static caches, whose key tensors are longer than the sequence, are not supported).
+  yourself; every built-in LLM pattern is causal already). Query rows of a call sit where
+  the cache wrote them: transformers' own 4-D mask tells which key slots hold a token, so a
+  ``StaticCache`` (allocated at its full length) or a left-padded batch puts the rows at
+  the right positions and its empty slots are never keys. Eager prefills cut the keys to
+  the written slots; decode steps and compiled calls (``torch.compile``, generate's
+  compiled static-cache decode) keep the tensor shapes and mask the empty slots instead
+  (no host sync, one shape per static cache).
+- Decode steps (and every compiled call) of a ``causal()`` mask run the model's own
+  attention call with its own mask: the same mask, bit for bit the stock path. Other masks
+  materialise their rows for SDPA there.
+- ``output_attentions=True`` returns every layer's weights ``[B, H, Q, KV]``, computed for
+  that call by an eager masked softmax (unpatched layers of an SDPA model too).
 - Padding (the 2-D ``attention_mask`` given to the model) is composed in: padding keys are
   masked out. With *left* padding each row's mask is evaluated on that row's unpadded
   positions, i.e. shifted by its number of leading padding tokens: a mask bound to a
   layout (segments, documents) means the same tokens whether or not the row is padded in
   a batch. Padding query rows see nothing (their outputs are zeros, never NaN).
 - A mask with a fixed ``length`` may be used on rows up to that many tokens (a shorter
-  row uses the top-left corner of the mask); longer inputs raise ``ValueError``.
+  row uses the top-left corner of the mask); longer inputs raise ``ValueError`` (compiled:
+  a key tensor longer than ``length``, e.g. a static cache, raises).
+- Layers with a sliding window (Mistral, Qwen2 sliding layers) raise once the sequence is
+  longer than the window (their cache drops keys the flexsparse mask may keep).
+- ``copy.deepcopy`` of a patched model is patched independently; switching
+  ``config._attn_implementation`` between ``"sdpa"`` and ``"eager"`` keeps the patch on
+  top of the new one, any other implementation raises at the next forward.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -175,20 +191,16 @@ def patch(
         decode_backend=decode_backend,
         parallel=parallel,
         block_size=block_size,
-        cache={"padding": None, "padded": {}, "unbound": {}},
+        cache={"geometry": None, "rows_geometry": None, "rows": {}, "padded": {},
+               "unbound": {}},
     )
 
-    def restore() -> None:
-        config._attn_implementation = original
-        for module in attn_modules:
-            if getattr(module, _MODULE_ATTR, None) is handle:
-                delattr(module, _MODULE_ATTR)
-        if getattr(model, ATTR, None) is handle:
-            delattr(model, ATTR)
-
-    handle.restore = restore
+    # A partial, not a closure: ``copy.deepcopy(model)`` copies its arguments along with the
+    # model, so unpatching a copy restores the copy and leaves the original patched.
+    handle.restore = functools.partial(_restore, model, handle)
     for module in attn_modules:
         setattr(module, _MODULE_ATTR, handle)
+        module.register_forward_pre_hook(_follow_implementation)
     setattr(model, ATTR, handle)
     config._attn_implementation = _IMPL_NAMES[original]
     return handle
@@ -198,6 +210,44 @@ def unpatch(model) -> None:
     """Restore the model's original attention (a ``ValueError`` if it is not patched)."""
     handle = get_handle(model)
     handle.restore()
+
+
+def _restore(model, handle: PatchHandle) -> None:
+    config = _text_config(model)
+    if config._attn_implementation in _ORIGINAL:
+        config._attn_implementation = handle.extra["original"]
+    for module in _attention_modules(model):
+        hooks = module._forward_pre_hooks
+        for key in [k for k, fn in hooks.items() if fn is _follow_implementation]:
+            del hooks[key]
+        if getattr(module, _MODULE_ATTR, None) is handle:
+            delattr(module, _MODULE_ATTR)
+    if getattr(model, ATTR, None) is handle:
+        delattr(model, ATTR)
+
+
+def _follow_implementation(module, args) -> None:
+    """Forward pre-hook of every attention module of a patched model.
+
+    ``model.set_attn_implementation("eager")`` (or writing ``config._attn_implementation``)
+    after ``patch`` would silently route around the patch: a switch between ``"sdpa"`` and
+    ``"eager"`` keeps the patch on top of the new implementation; any other one raises."""
+    handle = getattr(module, _MODULE_ATTR, None)
+    if handle is None:
+        return
+    config = module.config
+    current = config._attn_implementation
+    if current in _ORIGINAL:
+        return
+    if current in _IMPL_NAMES:
+        handle.extra["original"] = current
+        config._attn_implementation = _IMPL_NAMES[current]
+        return
+    raise ValueError(
+        f"model is patched by flexsparse but config._attn_implementation was switched to "
+        f"{current!r}; flexsparse layers run on top of {sorted(_IMPL_NAMES)}: "
+        "llama.unpatch(model) before switching to another implementation"
+    )
 
 
 def is_patched(model) -> bool:
@@ -325,6 +375,20 @@ def _original_function(module, original: str):
     return sys.modules[type(module).__module__].eager_attention_forward
 
 
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
+def _wants_weights(module, kwargs: dict) -> bool:
+    """``output_attentions`` of this call (transformers passes it down as a kwarg; the
+    config's value is the default)."""
+    flag = kwargs.get("output_attentions")
+    if flag is None:
+        flag = getattr(module.config, "output_attentions", False)
+    return bool(flag)
+
+
 def _attention_forward(
     module,
     query: Tensor,
@@ -334,19 +398,20 @@ def _attention_forward(
     scaling: float | None = None,
     dropout: float = 0.0,
     **kwargs,
-) -> tuple[Tensor, None]:
+) -> tuple[Tensor, Tensor | None]:
     """Registered as ``"flexsparse"`` / ``"flexsparse_eager"``. q ``[B, Hq, Q, D]``, k, v
-    ``[B, Hkv, KV, D]`` after RoPE and the cache update; returns ``([B, Q, Hq, D], None)``."""
+    ``[B, Hkv, KV, D]`` after RoPE and the cache update; returns ``([B, Q, Hq, D], weights)``
+    with weights ``[B, Hq, Q, KV]`` when ``output_attentions`` is on, else None."""
     handle: PatchHandle | None = getattr(module, _MODULE_ATTR, None)
     original = _ORIGINAL.get(module.config._attn_implementation, "sdpa")
     layer_idx = module.layer_idx
+    weights = _wants_weights(module, kwargs)
     static = dynamic = None
     if handle is not None and layer_idx in handle.extra["chosen"]:
         static, dynamic = handle.extra["layer_masks"](layer_idx)
     if static is None and dynamic is None:
-        fn = _original_function(module, original)
-        return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                  **kwargs)
+        return _run_original(module, original, query, key, value, attention_mask, scaling,
+                             dropout, weights, kwargs)
 
     handle.notify(layer_idx, query, key, value)
     if dropout and module.training:
@@ -354,28 +419,59 @@ def _attention_forward(
             f"attention dropout {dropout} is not supported in flexsparse layers; call "
             "model.eval() or set attention_dropout=0"
         )
-    q_len, kv_len = query.shape[2], key.shape[2]
-    window = kwargs.get("sliding_window")
-    if window is not None and kv_len > window:
-        raise ValueError(
-            f"layer {layer_idx} has a sliding window of {window} tokens and the input has "
-            f"{kv_len}; flexsparse layers replace the model's mask: compose "
-            "masks.sliding_window(...) into your mask and load the model with "
-            "sliding_window=None"
-        )
+    compiling = _is_compiling()
+    q_len = query.shape[2]
+    _check_window(layer_idx, kwargs.get("sliding_window"), key.shape[2],
+                  kwargs.get("position_ids"), compiling)
     extra = handle.extra
-    decoding = q_len < kv_len and q_len <= DECODE_ROWS
+    if not compiling and _decode_fast_path(extra, static, dynamic, attention_mask, q_len,
+                                           key.shape[2], weights):
+        if static is None or static.sdpa_hint == "causal":
+            return _run_original(module, original, query, key, value, attention_mask, scaling,
+                                 dropout, weights, kwargs)
+        return _decode_rows(extra["cache"], static, query, key, value, attention_mask,
+                            scaling), None
+    geom = _geometry(extra["cache"], attention_mask, q_len, key.shape[2], compiling,
+                     query.device)
+    if compiling:
+        decoding = q_len == 1 or (q_len < key.shape[2] and q_len <= DECODE_ROWS
+                                  and dynamic is None)
+    else:
+        decoding = q_len < geom.end and q_len <= DECODE_ROWS
     mask = static
     if dynamic is not None and not decoding:
+        if compiling:
+            raise ValueError(
+                f"layer {layer_idx} has a data-dependent (tuned / meansim) mask, which cannot "
+                "run inside torch.compile for a prefill; run the prefill uncompiled (as "
+                "generate() does with a static cache) or patch without tuned="
+            )
         mask = dynamic if static is None else dynamic & static
-    if mask is None:  # decode step of a dynamic-only layer: its static part is dense causal
-        fn = _original_function(module, original)
-        return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                  **kwargs)
-
-    padding = _padding(extra["cache"], attention_mask, kv_len)
-    backend = extra["decode_backend"] if decoding else handle.backend
+    rows = compiling or weights or (decoding and extra["decode_backend"] in ("auto", "sdpa"))
+    if mask is None or (rows and not weights and isinstance(mask, Mask)
+                        and mask.sdpa_hint == "causal"):
+        # A decode step of a dynamic-only layer (its static part is dense causal), or a
+        # causal mask: the model's own mask is this mask (padding and unwritten cache slots
+        # included), so the original function is the stock path, bit for bit.
+        return _run_original(module, original, query, key, value, attention_mask, scaling,
+                             dropout, weights, kwargs)
+    if not compiling and geom.end < key.shape[2]:
+        # A static cache is allocated at its full length: the slots past the tokens seen so
+        # far hold no token yet, and they are no keys of this call.
+        key, value = key[:, :, : geom.end], value[:, :, : geom.end]
+    kv_len = key.shape[2]
     gqa = query.shape[1] != key.shape[1]
+    if rows:
+        if isinstance(mask, DynamicMask):
+            mask = mask.bind(query, key)
+        _check_length(mask, geom.longest if geom.longest is not None else kv_len, layer_idx)
+        keep = _rows_keep(mask, geom, q_len, kv_len, query.shape[1], query.device)
+        if weights:
+            return _eager_with_weights(query, key, value, keep, scaling)
+        return _sdpa_rows(query, key, value, keep, scaling, gqa).transpose(1, 2), None
+
+    padding = geom.padding
+    backend = extra["decode_backend"] if decoding else handle.backend
     group = extra["parallel"]
     if group is not None and q_len == kv_len:
         if padding is not None:
@@ -400,6 +496,279 @@ def _attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
+def _run_original(module, original, query, key, value, attention_mask, scaling, dropout,
+                  weights, kwargs):
+    """The layer's unpatched attention. With ``output_attentions`` on a model loaded with
+    SDPA (which has no weights to return) the weights come from an eager computation with
+    the model's own mask, so every layer reports them."""
+    if weights and original == "sdpa":
+        q_len, kv_len = query.shape[2], key.shape[2]
+        if attention_mask is None:
+            pos = torch.arange(kv_len - q_len, kv_len, device=query.device)
+            keep = torch.arange(kv_len, device=query.device)[None, :] <= pos[:, None]
+        else:
+            keep = _keep_of(attention_mask, kv_len)
+        while keep.dim() < 4:
+            keep = keep.unsqueeze(0)
+        return _eager_with_weights(query, key, value, keep, scaling)
+    kwargs = dict(kwargs, output_attentions=weights) if "output_attentions" in kwargs else kwargs
+    fn = _original_function(module, original)
+    return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+              **kwargs)
+
+
+def _check_window(layer_idx: int, window, kv_len: int, position_ids, compiling: bool) -> None:
+    """A layer with a sliding window (Mistral, Qwen2 sliding layers) drops keys older than
+    the window from its cache and its mask; past the window the flexsparse mask (which
+    replaces the model's) would be evaluated on a cache that lost tokens. Refused there."""
+    if window is None:
+        return
+    seen = kv_len
+    if not compiling and isinstance(position_ids, Tensor) and position_ids.numel():
+        seen = max(seen, int(position_ids.max()) + 1)
+    # Compiled calls cannot read positions; a cache as long as the window may be past it.
+    if seen > window or (compiling and kv_len >= window):
+        raise ValueError(
+            f"layer {layer_idx} has a sliding window of {window} tokens and the sequence has "
+            f"{seen}; flexsparse layers replace the model's mask: compose "
+            "masks.sliding_window(...) into your mask and load the model with "
+            "sliding_window=None"
+        )
+
+
+class _Geometry:
+    """Where the tokens of one forward call sit in the key tensor.
+
+    ``valid`` bool ``[B, KV]``: slot ``j`` of row ``b`` holds a real (not padding, already
+    written) token, or None when every slot does. ``end``: slots written so far (a static
+    cache is longer); query row ``i`` is slot ``end - Q + i``. Eager calls have ``valid``
+    cut to ``end`` and ``end`` an int; compiled calls keep the full length and a 0-d tensor
+    ``end`` (no host sync). ``longest``: unpadded length of the longest row (eager only).
+    ``padding``: the ``_Padding`` of ``valid`` for ``flexsparse.attention`` (eager only).
+    """
+
+    def __init__(self, valid: Tensor | None, end, longest: int | None):
+        self.valid = valid
+        self.end = end
+        self.longest = longest
+        self.padding = _Padding(valid) if valid is not None and longest is not None else None
+
+
+def _keep_of(attention_mask: Tensor, kv_len: int) -> Tensor:
+    """Boolean keep-matrix ``[B, 1|H, Q, KV]`` of the mask transformers built (boolean for
+    SDPA, additive float for eager)."""
+    m = attention_mask
+    if m.dim() != 4:
+        raise ValueError(
+            f"expected a 4-D attention mask from transformers, got shape {tuple(m.shape)}"
+        )
+    if m.dtype != torch.bool:
+        m = m > torch.finfo(m.dtype).min / 2
+    return m[..., -kv_len:]
+
+
+def _geometry(cache: dict, attention_mask, q_len: int, kv_len: int, compiling: bool,
+              device=None) -> _Geometry:
+    """The ``_Geometry`` of this call from the mask transformers built.
+
+    Slot ``j`` of row ``b`` is valid when some query row may see it: with the model's causal
+    mask every real token is seen (by itself at prefill, by the new token when decoding),
+    while padding and unwritten static-cache slots are seen by none. The same mask object
+    reaches every layer of one forward, so an eager forward computes this once.
+    ``compiling``: tensor operations only (no host sync), the keys keep their length."""
+    if attention_mask is None:
+        if 1 < q_len < kv_len:
+            # transformers (>= 5.2x) passes no mask for the prefill of an empty static cache
+            # and lets SDPA's top-left ``is_causal`` skip the unwritten slots: the tokens
+            # are the first ``q_len`` slots, not the last.
+            if compiling:
+                return _Geometry(torch.arange(kv_len, device=device)[None] < q_len, q_len,
+                                 None)
+            return _Geometry(None, q_len, q_len)
+        # The plain causal case (or one new token against the whole cache): every slot
+        # holds a token.
+        return _Geometry(None, kv_len, kv_len)
+    key = (attention_mask, attention_mask._version, q_len, kv_len)
+    if not compiling:
+        hit = cache["geometry"]
+        if hit is not None and hit[0][0] is key[0] and hit[0][1:] == key[1:]:
+            return hit[1]
+    valid = _keep_of(attention_mask, kv_len).any(dim=-2).any(dim=1)  # [B, KV]
+    slots = torch.arange(1, kv_len + 1, device=valid.device)
+    end = (valid.any(0) * slots).amax().clamp(min=q_len)
+    if compiling:
+        return _Geometry(valid, end, None)
+    end = int(end)
+    valid = valid[:, :end]
+    if bool(valid.all()):
+        result = _Geometry(None, end, end)
+    else:
+        shift = valid.to(torch.int8).argmax(-1)
+        result = _Geometry(valid, end, int(end - shift.min()))
+    cache["geometry"] = (key, result)  # keeps the mask alive, so the identity test is sound
+    cache["padded"].clear()  # padded masks depend on this call's padding
+    return result
+
+
+def _check_length(mask: Mask, longest: int, layer_idx: int) -> None:
+    if mask.length is not None and longest > mask.length:
+        raise ValueError(
+            f"mask {mask.name!r} was built for sequences of {mask.length} tokens but layer "
+            f"{layer_idx} got {longest} (prompt and generated tokens, or the length of a "
+            "compiled static cache); build the mask for the whole sequence or use one "
+            "without a fixed length"
+        )
+
+
+def _rows_keep(mask: Mask, geom: _Geometry, q_len: int, kv_len: int, heads: int,
+               device) -> Tensor:
+    """Bool ``[B|1, H|1, Q, KV]``: the mask's rows for this call's query slots, evaluated
+    on each row's unpadded positions, with padding and unwritten slots dropped. Tensor
+    operations only (no host sync), so it traces under ``torch.compile``."""
+    if mask.heads is not None and mask.heads != heads:
+        raise ValueError(f"mask {mask.name!r} has {mask.heads} heads but the layer has {heads}")
+    zero = torch.zeros((), dtype=torch.long, device=device)
+    b = zero if mask.batch is None else torch.arange(mask.batch, device=device).view(-1, 1, 1, 1)
+    h = zero if mask.heads is None else torch.arange(mask.heads, device=device).view(1, -1, 1, 1)
+    q = (geom.end - q_len + torch.arange(q_len, device=device)).view(q_len, 1)
+    kv = torch.arange(kv_len, device=device).view(1, kv_len)
+    mod = mask.mask_mod_for(device)
+    if geom.valid is None:
+        keep = mod(b, h, q, kv)
+    else:
+        valid = geom.valid
+        if mask.batch is not None and mask.batch != valid.shape[0]:
+            raise ValueError(
+                f"mask {mask.name!r} has batch {mask.batch} but the input has "
+                f"{valid.shape[0]} rows"
+            )
+        shift = valid.to(torch.int8).argmax(-1).view(-1, 1, 1, 1)
+        top = kv_len - 1 if mask.length is None else mask.length - 1
+        keep = mod(b, h, (q - shift).clamp(0, top), (kv - shift).clamp(0, top))
+        q_ok = valid[:, q.view(-1).clamp(0, kv_len - 1)]  # padding query rows see nothing
+        keep = keep & valid[:, None, None, :] & q_ok[:, None, :, None]
+    keep = keep.to(torch.bool)
+    while keep.dim() < 4:
+        keep = keep.unsqueeze(0)
+    return keep.expand(*keep.shape[:2], q_len, kv_len)
+
+
+def _sdpa_mask(keep: Tensor, hq: int, hkv: int, dtype: torch.dtype | None = None
+               ) -> tuple[Tensor, Tensor]:
+    """``(attn_mask, any_key)`` for ``_sdpa_rows``: SDPA's mask for the rows ``keep``
+    (``[B|1, H|1, Q, KV]``) and bool ``[B|1, H|1, Q, 1]``, whether a row keeps a key.
+
+    A head-independent mask of a GQA layer is stacked ``[B|1, 1, G*Q, KV]``: the query heads
+    of one KV head become rows, so the fused kernels take it (enable_gqa with a mask falls
+    back to the math kernel). With ``dtype`` the mask is additive (0 / -inf), as SDPA would
+    convert a bool mask on every call."""
+    any_key = keep.any(-1, keepdim=True)
+    if hq != hkv and keep.shape[1] == 1:
+        rows, _, q_len, kv_len = keep.shape
+        g = hq // hkv
+        keep = keep.unsqueeze(2).expand(rows, 1, g, q_len, kv_len).reshape(
+            rows, 1, g * q_len, kv_len)
+    if dtype is not None:
+        keep = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(
+            ~keep, float("-inf"))
+    return keep, any_key
+
+
+def _sdpa_rows(query: Tensor, key: Tensor, value: Tensor, keep: Tensor | None, scale,
+               gqa: bool | None = None, prepared: tuple[Tensor, Tensor] | None = None
+               ) -> Tensor:
+    """SDPA with the materialised rows ``keep`` (or ``prepared = _sdpa_mask(keep, ...)``);
+    ``[B, Hq, Q, D]``, zeros where a row keeps no key."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    b, hq, q_len, d = query.shape
+    hkv = key.shape[1]
+    attn_mask, any_key = prepared if prepared is not None else _sdpa_mask(keep, hq, hkv)
+    if hq != hkv and attn_mask.shape[1] == 1:
+        g = hq // hkv
+        out = sdpa(query.reshape(b, hkv, g * q_len, d), key, value, attn_mask=attn_mask,
+                   scale=scale).reshape(b, hq, q_len, d)
+    else:
+        out = sdpa(query, key, value, attn_mask=attn_mask, scale=scale, enable_gqa=hq != hkv)
+    return torch.where(any_key, out, out.new_zeros(()))
+
+
+#: ``decode_backend`` values whose decode steps materialise the mask rows for SDPA.
+_ROWS_BACKENDS = ("auto", "sdpa")
+
+
+def _decode_fast_path(extra: dict, static, dynamic, attention_mask, q_len: int, kv_len: int,
+                      weights: bool) -> bool:
+    """Whether an eager call is a decode step that can run without a host sync.
+
+    A few rows against a longer key tensor: one new token, or (with transformers' mask to
+    place them) up to ``DECODE_ROWS`` rows without a tuned part. Such a call needs neither
+    the number of written slots nor the keys cut to them: a causal mask is the model's own
+    (its original call), any other mask's rows are evaluated against every slot, the
+    unwritten ones masked. Reading the written length would sync the host once per forward
+    and cutting the keys would give SDPA a new shape every step (as a static cache never
+    does). Masks with a fixed length (checked against the unpadded length) and tuned-only
+    or data-dependent masks keep the general path."""
+    if weights or extra["decode_backend"] not in _ROWS_BACKENDS:
+        return False
+    if not (q_len < kv_len and q_len <= DECODE_ROWS):
+        return False
+    if q_len > 1 and (dynamic is not None or attention_mask is None):
+        return False
+    if static is None:
+        return True
+    return isinstance(static, Mask) and (static.sdpa_hint == "causal" or static.length is None)
+
+
+def _rows_geometry(cache: dict, attention_mask, q_len: int, kv_len: int, device) -> _Geometry:
+    """``_geometry`` without a host sync (keys of full length), once per eager forward."""
+    key = (attention_mask, getattr(attention_mask, "_version", None), q_len, kv_len)
+    hit = cache["rows_geometry"]
+    if hit is not None and hit[0][0] is key[0] and hit[0][1:] == key[1:]:
+        return hit[1]
+    geom = _geometry(cache, attention_mask, q_len, kv_len, True, device)
+    cache["rows_geometry"] = (key, geom)  # keeps the mask alive: the identity test is sound
+    cache["rows"].clear()  # rows depend on this geometry
+    return geom
+
+
+def _decode_rows(cache: dict, mask: Mask, query: Tensor, key: Tensor, value: Tensor,
+                 attention_mask, scale) -> Tensor:
+    """A decode step of ``mask`` without a host sync: ``[B, Q, Hq, D]``.
+
+    The mask's rows (and SDPA's mask made of them) are built once per forward and shared
+    by every layer with the same mask, heads and dtype."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    hq, hkv = query.shape[1], key.shape[1]
+    geom = _rows_geometry(cache, attention_mask, q_len, kv_len, query.device)
+    rows = cache["rows"]
+    tag = (id(mask), hq, hkv, query.dtype)
+    hit = rows.get(tag)
+    if hit is None or hit[0] is not mask:
+        keep = _rows_keep(mask, geom, q_len, kv_len, hq, query.device)
+        hit = (mask, _sdpa_mask(keep, hq, hkv, query.dtype))
+        if len(rows) >= 32:  # masks built per call (a callable returning new objects)
+            rows.clear()
+        rows[tag] = hit  # keeps ``mask`` alive, so its id is not reused
+    out = _sdpa_rows(query, key, value, None, scale, prepared=hit[1])
+    return out.transpose(1, 2).contiguous()
+
+
+def _eager_with_weights(query: Tensor, key: Tensor, value: Tensor, keep: Tensor, scale
+                        ) -> tuple[Tensor, Tensor]:
+    """Attention written out, as transformers' eager path computes it: returns
+    ``([B, Q, Hq, D], weights [B, Hq, Q, KV])``; rows that keep no key are zeros."""
+    g = query.shape[1] // key.shape[1]
+    if g > 1:
+        key, value = key.repeat_interleave(g, dim=1), value.repeat_interleave(g, dim=1)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(query, key.transpose(2, 3)) * scale
+    scores = scores.masked_fill(~keep, float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    weights = torch.nan_to_num(weights, nan=0.0).to(query.dtype)
+    out = torch.matmul(weights, value)
+    return out.transpose(1, 2).contiguous(), weights
+
+
 def _global_length(local: int, group, device) -> int:
     import torch.distributed as dist
 
@@ -417,31 +786,6 @@ class _Padding:
         self.shift = valid.to(torch.int8).argmax(-1)
         self.longest = int((valid.shape[-1] - self.shift).max())
         self.batch = valid.shape[0]
-
-
-def _padding(cache: dict, attention_mask, kv_len: int) -> _Padding | None:
-    """Padding of this forward call from the mask transformers built (the same tensor
-    object reaches every layer of one forward, so this runs once per forward).
-
-    Key ``j`` of row ``b`` is valid when some query row may see it: with the model's causal
-    mask every real key is seen (by itself at prefill, by the new token when decoding)."""
-    if attention_mask is None:
-        return None
-    hit = cache["padding"]
-    if hit is not None and hit[0] is attention_mask:
-        return hit[1]
-    m = attention_mask
-    if m.dim() != 4:
-        raise ValueError(
-            f"expected a 4-D attention mask from transformers, got shape {tuple(m.shape)}"
-        )
-    if m.dtype != torch.bool:
-        m = m > torch.finfo(m.dtype).min / 2
-    valid = m.any(dim=-2).any(dim=1)[..., -kv_len:]  # [B, KV]
-    result = None if bool(valid.all()) else _Padding(valid)
-    cache["padding"] = (attention_mask, result)
-    cache["padded"].clear()  # padded masks depend on this call's padding
-    return result
 
 
 def _call_mask(

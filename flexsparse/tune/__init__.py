@@ -8,7 +8,14 @@
 """
 
 from .calibrate import DEFAULT_GRID, METRICS, HeadResult, MeansimTuner, tune_heads
-from .params import TunedParams, load_params, load_spargeattn, plot_params
+from .params import (
+    TunedParams,
+    file_format,
+    load_params,
+    load_spargeattn,
+    plot_params,
+    spargeattn_example_path,
+)
 from .synthetic import block_structured_qkv
 
 __all__ = [
@@ -19,6 +26,8 @@ __all__ = [
     "load_params",
     "load_spargeattn",
     "plot_params",
+    "spargeattn_example_path",
+    "file_format",
     "DEFAULT_GRID",
     "METRICS",
     "block_structured_qkv",

@@ -27,6 +27,7 @@ from ..masks.meansim import MeansimMask
 FORMAT = "flexsparse.tuned/1"
 #: SpargeAttn's ``pvthreshd`` search range ends at 50: that value means "no PV skipping".
 PV_OFF = 50.0
+SPARGEATTN_EXAMPLE = "spargeattn_cogvideox-2b_l1-0.06_pv-0.07.pt"
 _FIELDS = ("simthreshd1", "cdfthreshd", "pvthreshd", "is_sparse", "sparsity")
 
 
@@ -247,16 +248,43 @@ def load_spargeattn(
     )
 
 
+def file_format(path: str | Path) -> str:
+    """``"safetensors"``, ``"zip"`` (``torch.save``), ``"pickle"`` (legacy ``torch.save``)
+    or ``"unknown"``, from the first bytes of the file at ``path``.
+
+    A safetensors file is an 8-byte little-endian header length followed by a JSON header
+    that starts with ``{``; the length's low byte can be anything (0x80 or ``P`` included),
+    so the check reads the byte after it, not the first one."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if len(head) == 9 and head[8:9] == b"{":
+        size = int.from_bytes(head[:8], "little")
+        if 2 <= size <= Path(path).stat().st_size - 8:
+            return "safetensors"
+    # pickle protocol >= 2 (all torch.save has written) opens with the PROTO opcode
+    return "pickle" if head[:1] == b"\x80" else "unknown"
+
+
+def spargeattn_example_path() -> Path:
+    """Path of the bundled example: SpargeAttn's published CogVideoX-2b tuned parameters
+    (``l1 = 0.06``, ``pv_l1 = 0.07``; from the SpargeAttn repository, Apache-2.0)."""
+    return Path(__file__).resolve().parents[1] / "data" / SPARGEATTN_EXAMPLE
+
+
 def load_params(path: str | Path, **spargeattn_options) -> TunedParams:
     """Load tuned parameters, detecting the format: our ``.safetensors`` files, or
     SpargeAttn ``torch.save`` state dicts (``spargeattn_options`` go to
     ``load_spargeattn``)."""
     path = _existing(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-    # torch.save writes a zip (PK..) or a legacy pickle (0x80); safetensors starts with
-    # the little-endian length of its JSON header.
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+    kind = file_format(path)
+    if kind == "unknown":
+        raise ValueError(
+            f"{path} is not a parameter file: neither safetensors (8-byte header length, "
+            "then a JSON header) nor a torch.save zip or pickle"
+        )
+    if kind != "safetensors":
         return load_spargeattn(path, **spargeattn_options)
     if spargeattn_options:
         raise TypeError(

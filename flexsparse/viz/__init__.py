@@ -14,18 +14,20 @@ from .graph import plot_scene_graph
 from .heatmap import (
     LEVELS,
     TOKEN_LEVEL_LIMIT,
+    TOKEN_LEVEL_MAX,
     MaskImage,
     compare,
     plot_mask,
     render,
 )
-from .sparsity import head_values, plot_head_sparsity
+from .sparsity import head_values, plot_head_sparsity, plot_tuned
 
 __all__ = [
     "plot_mask",
     "compare",
     "plot_scene_graph",
     "plot_head_sparsity",
+    "plot_tuned",
     "render",
     "head_values",
     "annotations_for",
@@ -34,4 +36,5 @@ __all__ = [
     "COLORS",
     "LEVELS",
     "TOKEN_LEVEL_LIMIT",
+    "TOKEN_LEVEL_MAX",
 ]

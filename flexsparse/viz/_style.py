@@ -23,7 +23,7 @@ COLORS: dict[str, str] = {
     "full": "#23537d",
     "only_a": "#d62728",
     "only_b": "#2ca02c",
-    "both": "#23537d",
+    "both": "#5b5b5b",
     "neither": "#f2f2f2",
     "text": "#9b59b6",
     "line": "#7f7f7f",
@@ -44,16 +44,19 @@ def rgb(name: str) -> np.ndarray:
 
 
 def palette_image(codes: np.ndarray, names: list[str]) -> np.ndarray:
-    """RGB image ``[R, C, 3]`` (float32) from integer ``codes`` ``[R, C]`` where code ``i``
-    gets colour ``COLORS[names[i]]``. Built by indexing so that no colormap interpolation
-    can mix categories."""
-    table = np.stack([rgb(n) for n in names])
+    """RGB image ``[R, C, 3]`` (uint8: 3 bytes a cell) from integer ``codes`` ``[R, C]``
+    where code ``i`` gets colour ``COLORS[names[i]]``. Built by indexing so that no
+    colormap interpolation can mix categories."""
+    table = np.round(np.stack([rgb(n) for n in names]) * 255).astype(np.uint8)
     return table[codes]
 
 
-def new_figure(figsize: tuple[float, float], dpi: float = 100) -> Figure:
-    """A Figure on an Agg canvas (headless)."""
-    fig = Figure(figsize=figsize, dpi=dpi)
+def new_figure(
+    figsize: tuple[float, float], dpi: float = 100, layout: str | None = None
+) -> Figure:
+    """A Figure on an Agg canvas (headless); ``layout="constrained"`` makes room for
+    titles, labels and colour bars whatever the size."""
+    fig = Figure(figsize=figsize, dpi=dpi, layout=layout)
     FigureCanvasAgg(fig)
     return fig
 

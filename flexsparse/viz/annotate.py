@@ -12,18 +12,25 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from matplotlib.font_manager import FontProperties
 from matplotlib.patches import Rectangle
+from matplotlib.textpath import TextToPath
 from matplotlib.transforms import blended_transform_factory
 
 from .._checks import check_int
 from ..layout import SegmentLayout, VideoLayout
 from ._style import BAND_GREYS, COLORS, SPAN_PALETTE
 
-#: Spans narrower than this fraction of the axis get no label in a band.
-MIN_LABEL_FRACTION = 0.045
+#: Font size of band labels (points).
+LABEL_FONTSIZE = 6
+#: A label is shortened to fit its span; below this many characters it is left out.
+MIN_LABEL_CHARS = 3
+#: Labels written outside the heatmap (narrow first / last spans) are cut to this length.
+OUTSIDE_LABEL_CHARS = 10
 #: At most this many frame numbers on an axis.
 MAX_TICKS = 16
 BAND_HEIGHT = 0.035  # axes fraction per band row
+_TEXT_TO_PATH = TextToPath()
 
 
 @dataclass
@@ -34,6 +41,9 @@ class Span:
     start: int
     end: int
     color: str
+    #: shorter names, longest first, used when ``label`` does not fit (``("seg 2", "2")``
+    #: for ``"seg 2: What is ..."``)
+    short: tuple[str, ...] = ()
 
 
 @dataclass
@@ -159,7 +169,8 @@ def _segments(layout: SegmentLayout, total, labels) -> Annotations:
             color = COLORS["text"]
         else:
             color = BAND_GREYS[1]
-        row.append(Span(str(text[name]), start, end, color))
+        short = (name, name[4:]) if name.startswith("seg ") else (name, name[:1].upper())
+        row.append(Span(str(text[name]), start, end, color, short))
         if i:
             ann.lines.append((start, "#4d4d4d", 0.8))
     ann.bands.append(row)
@@ -184,12 +195,13 @@ def draw(ax, ann: Annotations, q_range: tuple[int, int], kv_range: tuple[int, in
             ax.axhline(pos, color=color, lw=lw, alpha=0.7, zorder=3)
     top = blended_transform_factory(ax.transData, ax.transAxes)
     left = blended_transform_factory(ax.transAxes, ax.transData)
+    width_pt, height_pt = _axes_size_pt(ax)
     for r, row in enumerate(ann.bands):
         y0 = 1.0 + 0.005 + r * BAND_HEIGHT
         x0 = -0.005 - (r + 1) * BAND_HEIGHT
         for span in row:
-            _band(ax, top, span, kv_range, y0, horizontal=True)
-            _band(ax, left, span, q_range, x0, horizontal=False)
+            _band(ax, top, span, kv_range, y0, width_pt, horizontal=True)
+            _band(ax, left, span, q_range, x0, height_pt, horizontal=False)
     if ann.ticks is not None:
         kv_ticks = [(p, s) for p, s in ann.ticks if kv_range[0] <= p < kv_range[1]]
         q_ticks = [(p, s) for p, s in ann.ticks if q_range[0] <= p < q_range[1]]
@@ -203,7 +215,41 @@ def draw(ax, ann: Annotations, q_range: tuple[int, int], kv_range: tuple[int, in
     ax.set_ylabel(f"query ({ann.axis_name})", fontsize=8)
 
 
-def _band(ax, transform, span: Span, shown: tuple[int, int], offset: float, horizontal: bool):
+def _axes_size_pt(ax) -> tuple[float, float]:
+    """Width and height of ``ax`` in points (what a label has to fit in)."""
+    box = ax.get_position()
+    w, h = ax.figure.get_size_inches()
+    return box.width * w * 72, box.height * h * 72
+
+
+def text_width_pt(text: str, fontsize: float = LABEL_FONTSIZE) -> float:
+    """Width of ``text`` in points in matplotlib's default font (no drawing needed)."""
+    width, _, _ = _TEXT_TO_PATH.get_text_width_height_descent(
+        text, FontProperties(size=fontsize), ismath=False)
+    return width
+
+
+def fit_label(label: str, short: Sequence[str], room_pt: float,
+              fontsize: float = LABEL_FONTSIZE) -> str:
+    """``label`` made to fit ``room_pt`` points: whole; cut with an ellipsis when the cut
+    keeps more than the first short name; else the longest short name that fits; else
+    empty. Labels of neighbouring spans then never overlap, however narrow the spans of
+    a real packed prompt are."""
+    def fits(text):
+        return text_width_pt(text, fontsize) <= room_pt
+
+    if fits(label):
+        return label
+    keep = max(MIN_LABEL_CHARS, len(short[0]) + 4 if short else 0)
+    cut = next((label[:n].rstrip() + "…" for n in range(len(label) - 1, keep - 1, -1)
+                if fits(label[:n].rstrip() + "…")), "")
+    if cut:
+        return cut
+    return next((s for s in short if s and fits(s)), "")
+
+
+def _band(ax, transform, span: Span, shown: tuple[int, int], offset: float,
+          axis_pt: float, horizontal: bool):
     lo, hi = max(span.start, shown[0]), min(span.end, shown[1])
     if lo >= hi:
         return
@@ -216,16 +262,20 @@ def _band(ax, transform, span: Span, shown: tuple[int, int], offset: float, hori
     if not span.label:
         return
     middle = offset + BAND_HEIGHT * 0.45
-    if (hi - lo) >= MIN_LABEL_FRACTION * (shown[1] - shown[0]):
+    room = (hi - lo) / (shown[1] - shown[0]) * axis_pt - 2  # a point of margin each side
+    label = " ".join(span.label.split())  # a prompt's newlines would break the band
+    text = fit_label(label, span.short, room)
+    kw = dict(transform=transform, va="center", fontsize=LABEL_FONTSIZE, clip_on=False)
+    if text:
         mid = (lo + hi) / 2
         xy = (mid, middle) if horizontal else (middle, mid)
-        ax.text(*xy, span.label, transform=transform, ha="center", va="center", fontsize=6,
-                rotation=0 if horizontal else 90, clip_on=False)
-    elif horizontal and lo == shown[0]:
-        # Too narrow to hold its label (e.g. 226 text tokens of 17,776): write it outside,
-        # in the empty corner beside the band.
-        ax.text(lo, middle, span.label + " ", transform=transform, ha="right", va="center",
-                fontsize=6, clip_on=False)
+        ax.text(*xy, text, ha="center", rotation=0 if horizontal else 90, **kw)
+        return
+    # Too narrow for any label (e.g. 226 text tokens of 17,776): at the first or last
+    # position, write it outside the heatmap, in the empty corner beside the band.
+    outside = label if len(label) <= OUTSIDE_LABEL_CHARS else (
+        label[: OUTSIDE_LABEL_CHARS - 1] + "…")
+    if horizontal and lo == shown[0]:
+        ax.text(lo, middle, outside + " ", ha="right", **kw)
     elif horizontal and hi == shown[1]:
-        ax.text(hi, middle, " " + span.label, transform=transform, ha="left", va="center",
-                fontsize=6, clip_on=False)
+        ax.text(hi, middle, " " + outside, ha="left", **kw)

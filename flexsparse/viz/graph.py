@@ -7,38 +7,29 @@ from pathlib import Path
 
 import networkx as nx
 import numpy as np
-import torch
 from matplotlib.figure import Figure
 
 from ..layout import VideoLayout
 from ..mask import Mask
+from ..masks.scenes import parse_adjacency
 from ._style import SPAN_PALETTE, new_figure, palette_image, save
 from .heatmap import plot_mask
 
 
 def adjacency_matrix(adjacency) -> tuple[np.ndarray, list[str]]:
-    """``(bool [S, S], node names)`` from a nested list / array / tensor of 0/1 or a
-    networkx graph (nodes in their insertion order)."""
+    """``(bool [S, S], node names)`` from anything ``masks.scenes.parse_adjacency`` takes
+    (nested lists / array / tensor of 0/1, the text forms, a file) or a networkx graph,
+    whose nodes may have any names (in insertion order; the diagonal is set)."""
     if isinstance(adjacency, nx.Graph):
         nodes = list(adjacency.nodes)
         if not nodes:
             raise ValueError("adjacency graph has no nodes")
-        mat = nx.to_numpy_array(adjacency, nodelist=nodes, weight=None) > 0
+        numbered = nx.relabel_nodes(adjacency, {n: i for i, n in enumerate(nodes)})
+        mat = parse_adjacency(numbered, num_scenes=len(nodes)).numpy()
         np.fill_diagonal(mat, True)
         return mat, [str(n) for n in nodes]
-    if isinstance(adjacency, torch.Tensor):
-        adjacency = adjacency.cpu().numpy()
-    try:
-        mat = np.asarray(adjacency)
-    except (TypeError, ValueError):
-        mat = None
-    if mat is None or mat.dtype == object or mat.ndim != 2 or mat.shape[0] != mat.shape[1]:
-        raise ValueError(
-            f"adjacency must be a square 0/1 matrix or a networkx graph, got {adjacency!r}"
-        )
-    if mat.size == 0 or not np.isin(mat, (0, 1)).all():
-        raise ValueError(f"adjacency entries must be 0 or 1, got {mat.tolist()}")
-    return mat.astype(bool), [f"scene {i}" for i in range(mat.shape[0])]
+    mat = parse_adjacency(adjacency).numpy()
+    return mat, [f"scene {i}" for i in range(mat.shape[0])]
 
 
 def plot_scene_graph(

@@ -7,7 +7,9 @@ Two levels:
 - ``"block"``: one cell per tile from ``mask.tile_states`` (empty / partial / full), never
   an ``N^2`` tensor, so a 115k-token mask renders in seconds.
 
-``"auto"`` takes ``"token"`` up to ``TOKEN_LEVEL_LIMIT`` pairs and ``"block"`` beyond.
+``"auto"`` takes ``"token"`` up to ``TOKEN_LEVEL_LIMIT`` pairs and ``"block"`` beyond; an
+explicit ``"token"`` is refused above ``TOKEN_LEVEL_MAX`` pairs (a picture cannot show more
+pairs than it has pixels, and the dense matrix and its colours would need gigabytes).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from ._style import COLORS, new_figure, palette_image, save
 LEVELS = ("auto", "token", "block")
 #: ``level="auto"`` renders pairs up to this many (q_len * kv_len), tiles beyond.
 TOKEN_LEVEL_LIMIT = 2048 * 2048
+#: ``level="token"`` refuses more pairs than this (4096 x 4096: about 100 MB in all).
+TOKEN_LEVEL_MAX = 4096 * 4096
 #: ``level="block"`` without ``block_size`` uses 128-token tiles, larger ones when that
 #: would give more than this many tiles along the key axis.
 MAX_TILES_PER_SIDE = 1024
@@ -102,19 +106,29 @@ def render(
             raise ValueError(f"head must be < {mask.heads} (the mask's heads), got {head}")
     q0 = kv_len - q_len
     if level == "token":
+        check_token_level(q_len, kv_len)
         dense = mask.to_dense(q_len, kv_len)
         density = float(dense.float().mean())
         kept = _pick(dense, lead, mask.heads, shown_head).numpy()
-        return MaskImage(kept.astype(np.int64), ["empty", "full"], "token", 1, (q0, kv_len),
+        return MaskImage(kept.astype(np.uint8), ["empty", "full"], "token", 1, (q0, kv_len),
                          (0, kv_len), density, None, mask.name, shown_head, kept)
     block = auto_block_size(kv_len) if block_size is None else check_int(
         "block_size", block_size, minimum=1)
     states = mask.tile_states(q_len, kv_len, block)
     counts = T.summary(states)
-    codes = _pick(states, lead, mask.heads, shown_head).to(torch.int64).numpy()
+    codes = _pick(states, lead, mask.heads, shown_head).to(torch.uint8).numpy()
     return MaskImage(codes, ["empty", "partial", "full"], "block", block, (q0, kv_len),
                      (0, kv_len), mask.density(q_len, kv_len), counts, mask.name, shown_head,
                      codes != T.EMPTY)
+
+
+def check_token_level(q_len: int, kv_len: int) -> None:
+    """Refuse a token-level picture of more than ``TOKEN_LEVEL_MAX`` pairs."""
+    if q_len * kv_len > TOKEN_LEVEL_MAX:
+        raise ValueError(
+            f"level='token' draws at most {TOKEN_LEVEL_MAX:,} pairs (4096 x 4096), got "
+            f"{q_len:,} x {kv_len:,} = {q_len * kv_len:,}: use level='block' (tiles) or 'auto'"
+        )
 
 
 def auto_block_size(kv_len: int) -> int:
@@ -132,7 +146,7 @@ def _render_matrix(dense: Tensor) -> MaskImage:
     q_len, kv_len = kept.shape
     if q_len > kv_len:
         raise ValueError(f"a tensor mask must have q_len <= kv_len, got {tuple(dense.shape)}")
-    return MaskImage(kept.astype(np.int64), ["empty", "full"], "token", 1,
+    return MaskImage(kept.astype(np.uint8), ["empty", "full"], "token", 1,
                      (kv_len - q_len, kv_len), (0, kv_len), float(kept.mean()), None, "matrix",
                      None, kept)
 
@@ -208,6 +222,22 @@ def _legend_handles(img: MaskImage) -> list[Patch]:
             for n in img.names]
 
 
+def _difference_handles(names) -> list[Patch]:
+    labels = {"only_a": f"only {names[0]}", "only_b": f"only {names[1]}",
+              "both": "both", "neither": "neither"}
+    return [Patch(facecolor=COLORS[n], edgecolor="#999999", lw=0.5, label=text)
+            for n, text in labels.items()]
+
+
+def _axis_labels(ax: Axes, ann, layout, img: MaskImage) -> None:
+    """Layout annotations when there is a layout, else plain position labels."""
+    if layout is not None:
+        annotate.draw(ax, ann, img.q_range, img.kv_range)
+    else:
+        ax.set_xlabel("key position", fontsize=8)
+        ax.set_ylabel("query position", fontsize=8)
+
+
 def _prepare_axes(ax: Axes | None, figsize, dpi) -> tuple[Figure, Axes, bool]:
     if ax is not None:
         return ax.figure, ax, False
@@ -245,14 +275,15 @@ def plot_mask(
             generated spans).
         level: ``"token"`` (one cell per pair: kept / dropped), ``"block"`` (one cell per
             tile: empty / partial / full, no ``N^2`` tensor) or ``"auto"`` (token up to
-            ``TOKEN_LEVEL_LIMIT`` pairs).
+            ``TOKEN_LEVEL_LIMIT`` pairs). ``"token"`` raises ``ValueError`` above
+            ``TOKEN_LEVEL_MAX`` pairs.
         ax: draw into this axes (of your figure) instead of a new figure.
         path: save to this file; the format follows the extension (.png, .svg, .pdf).
         title: replaces the default title (pattern, length, density, tile counts).
         block_size: tile size at block level (default 128, larger beyond 131k tokens).
         head: the head shown when the mask depends on the head.
         scenes: first latent frame of each scene (e.g. ``[0, 5, 9]``), drawn as boundaries
-            with names; read from the mask when it exposes ``scene_boundaries``.
+            with names.
         scene_names: names of the scenes.
         labels: text for ``SegmentLayout`` spans (by span name, or in order).
         legend: draw the colour legend.
@@ -265,8 +296,6 @@ def plot_mask(
                  head=head)
     fig, ax, own = _prepare_axes(ax, figsize, dpi)
     _show(ax, img)
-    if scenes is None and isinstance(mask, Mask):
-        scenes = scene_boundaries_of(mask)
     if layout is not None or scenes is not None:
         ann = annotate.annotations_for(layout, total=img.kv_range[1], scenes=scenes,
                                        scene_names=scene_names, labels=labels)
@@ -287,16 +316,6 @@ def plot_mask(
     if path is not None:
         save(fig, path)
     return fig
-
-
-def scene_boundaries_of(mask: Mask) -> list[int] | None:
-    """Scene boundaries a scenes mask exposes (``scene_boundaries`` or ``boundaries``
-    attribute, latent frames), else None."""
-    for attr in ("scene_boundaries", "boundaries"):
-        value = getattr(mask, attr, None)
-        if value is not None:
-            return [int(b) for b in value]
-    return None
 
 
 def compare(
@@ -350,30 +369,28 @@ def compare(
     if len(names) != 2:
         raise ValueError(f"names must hold two names, got {names!r}")
     fig = new_figure(figsize, dpi)
-    axes = [fig.add_axes([0.05 + i * 0.325, 0.13, 0.27, 0.68]) for i in range(3)]
+    axes = [fig.add_axes([0.06 + i * 0.325, 0.16, 0.26, 0.64]) for i in range(3)]
     ann = annotate.annotations_for(layout, total=img_a.kv_range[1])
     for ax, img, name in zip(axes, (img_a, img_b), names):
         _show(ax, img)
         img.name = str(name)
-        if layout is not None:
-            annotate.draw(ax, ann, img.q_range, img.kv_range)
+        _axis_labels(ax, ann, layout, img)
         ax.set_title(_title(img, None), fontsize=8, pad=6 + 14 * len(ann.bands))
     diff_img, counts = difference(img_a, img_b)
     _show(axes[2], diff_img)
-    if layout is not None:
-        annotate.draw(axes[2], ann, diff_img.q_range, diff_img.kv_range)
+    _axis_labels(axes[2], ann, layout, diff_img)
     unit = "pairs" if level == "token" else f"{img_a.block}×{img_a.block} tiles computed"
     axes[2].set_title(
         f"difference ({unit})\nonly {names[0]}: {counts['only_a']:,} · only {names[1]}: "
         f"{counts['only_b']:,} · both: {counts['both']:,}",
         fontsize=8, pad=6 + 14 * len(ann.bands),
     )
-    handles = _legend_handles(img_a) + [
-        Patch(facecolor=COLORS["only_a"], label=f"only {names[0]}"),
-        Patch(facecolor=COLORS["only_b"], label=f"only {names[1]}"),
-    ]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8,
-               frameon=False, bbox_to_anchor=(0.5, 0.0))
+    # Two legends: the mask panels' states under them, the difference categories under
+    # the difference panel, so no colour is read against the wrong key.
+    fig.legend(handles=_legend_handles(img_a), loc="lower center", ncol=3, fontsize=8,
+               frameon=False, bbox_to_anchor=(0.35, 0.0))
+    fig.legend(handles=_difference_handles(names), loc="lower center", ncol=2, fontsize=8,
+               frameon=False, bbox_to_anchor=(0.06 + 2 * 0.325 + 0.13, -0.01))
     if title:
         fig.suptitle(title, fontsize=10)
     if path is not None:
@@ -385,7 +402,7 @@ def difference(a: MaskImage, b: MaskImage) -> tuple[MaskImage, dict[str, int]]:
     """The difference image of two renders of one shape and its counts
     (``only_a``, ``only_b``, ``both``, ``neither``)."""
     ka, kb = a.kept, b.kept
-    codes = ka.astype(np.int64) + 2 * kb.astype(np.int64)  # 0 neither, 1 a, 2 b, 3 both
+    codes = ka.astype(np.uint8) + 2 * kb.astype(np.uint8)  # 0 neither, 1 a, 2 b, 3 both
     counts = {
         "neither": int((codes == 0).sum()),
         "only_a": int((codes == 1).sum()),

@@ -46,3 +46,83 @@ def test_compiled_flex_at_128x64_matches_reference(d):
     assert m.bind(q, k).native_block_size == (128, 64)
     err = (out.double().cpu() - ref).abs().max()
     assert err < 2e-2, err
+
+
+# -- the Triton predictor (kernels/meansim_fast.py) against the PyTorch path ---------------
+mod = __import__("flexsparse.masks.meansim", fromlist=["x"])
+
+
+@pytest.fixture(autouse=True)
+def triton_predictor(monkeypatch):
+    """The Triton predictor is opt-in; these tests switch it on (``torch_path`` off)."""
+    monkeypatch.setenv("FLEXSPARSE_MEANSIM_TRITON", "1")
+
+
+def torch_path(monkeypatch, fn):
+    """``fn()`` with the Triton kernels switched off: the eager PyTorch path, which the CPU
+    tests pin to SpargeAttn's transcription."""
+    monkeypatch.setenv("FLEXSPARSE_MEANSIM_TRITON", "0")
+    monkeypatch.setenv("FLEXSPARSE_COMPILE", "0")  # eager: no compile per shape
+    try:
+        return fn()
+    finally:
+        monkeypatch.setenv("FLEXSPARSE_MEANSIM_TRITON", "1")
+        monkeypatch.delenv("FLEXSPARSE_COMPILE")
+
+
+@pytest.mark.parametrize("n, block, lead, smooth", [
+    (1000, 128, 0, False), (1000, 64, 0, True), (777, 128, 93, False), (200, 64, 17, True),
+    (4096, 128, 0, True), (100, 128, 0, False),
+])
+def test_triton_block_stats_match_torch(monkeypatch, n, block, lead, smooth):
+    from flexsparse.kernels import meansim_fast
+
+    q, _, _ = inputs(n=n, d=64)
+    q[:, :, 5] = 0.0  # a zero token is a zero vector
+    assert meansim_fast.stats_supported(q, block)
+    got = mod.block_stats(q, block, lead, smooth)
+    want = torch_path(monkeypatch, lambda: mod.block_stats(q, block, lead, smooth))
+    assert torch.equal(got[2], want[2])
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    # -inf where the block is incomplete, in both
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("mode", ["cdf", "topk", "ties"])
+def test_triton_select_equals_torch(monkeypatch, seed, mode):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    b, h, qb, kb, d = 2, 4, [9, 40, 139][seed], [17, 300, 278][seed], 64
+    pq = torch.randn(b, h, qb, d, device="cuda", generator=g)
+    pk = torch.randn(b, h, kb, d, device="cuda", generator=g)
+    if mode == "ties":  # identical key blocks: exactly tied probabilities
+        pk = pk[:, :, :3].repeat(1, 1, -(-kb // 3), 1)[:, :, :kb].contiguous()
+    sq = torch.rand(b, h, qb, device="cuda", generator=g)
+    sk = torch.rand(b, h, kb, device="cuda", generator=g)
+    sim1 = torch.tensor([-1.0, 0.1, 0.2, 0.3], device="cuda")
+    cdf = None if mode == "topk" else torch.tensor([0.3, 0.6, 0.9, 1.0], device="cuda")
+    top = torch.tensor([0.0, 0.2, 0.5, 1.0], device="cuda") if mode == "topk" else None
+    for causal, sink, off in ((False, False, 0), (True, False, 0), (True, True, 3),
+                              (False, True, 0)):
+        def run(causal=causal, sink=sink, off=off):
+            return mod.select_tiles(pq, sq, pk, sk, sim1, cdfthreshd=cdf, topk=top,
+                                    block_q=128, block_kv=64, causal=causal,
+                                    attention_sink=sink, q_block_offset=off)
+        got = run()
+        want = torch_path(monkeypatch, run)
+        assert torch.equal(got, want), (causal, sink, off, (got != want).sum().item())
+        if not causal:
+            assert 0.02 < want.float().mean() < 0.98  # not a trivial case
+
+
+@pytest.mark.parametrize("n_q, n_kv, heads, kv_heads", [(1000, 1000, 4, 4), (300, 1333, 4, 2),
+                                                        (2176, 2176, 2, 2)])
+def test_triton_predict_equals_torch(monkeypatch, n_q, n_kv, heads, kv_heads):
+    q, k, _ = inputs(n=n_kv, heads=kv_heads)
+    q = q[:, :, -n_q:].repeat_interleave(heads // kv_heads, dim=1).contiguous()
+    for kw in (dict(cdfthreshd=0.7), dict(topk=0.3, causal=True, attention_sink=True),
+               dict(cdfthreshd=0.9, smooth_k=True)):
+        m = masks.meansim(torch.linspace(0.05, 0.3, heads), **kw)
+        got = m.predict(q, k)
+        want = torch_path(monkeypatch, lambda m=m: m.predict(q, k))
+        assert torch.equal(got, want), (kw, (got != want).sum().item())

@@ -1,35 +1,5 @@
-"""Self-ensemble: answer a question by reading several paraphrases of it at once.
-
-The paraphrases are packed into one sequence as isolated segments::
-
-    [prefix + sep] [para 1 + sep] [para 2 + sep] ... [para k + sep] [suffix] -> answer
-
-Each segment sees the shared prefix and itself; the suffix and the generated answer see
-everything (segment isolation, causal). With ``position_mode="aligned"`` every segment
-starts at the same RoPE position, as if it were alone after the prefix; the suffix and the
-answer continue after the longest segment. One prefill and one cached decode step per
-token give an ensemble over ``k`` paraphrases.
-
-Methods, all built from the same token pieces:
-
-- ``"flex"``: the packed prompt, segment isolation, one forward per step (KV cache).
-- ``"avg"`` / ``"max"``: each paraphrase prompt ``prefix + para_i + sep + suffix`` has its
-  own cache; every step runs one forward per paraphrase, averages (max-pools) the
-  last-position logits over paraphrases and appends the one chosen token to all of them.
-- ``"per_prompt"``: each paraphrase prompt is answered alone; the prediction is the most
-  frequent answer (ties: the earliest paraphrase), all answers are in ``candidates``.
-- ``"origin"``: only the first paraphrase.
-
-Decoding is greedy and stops on EOS, on any ``stop`` string, or on a newline after some
-text when ``stop_on_newline=True``.
-
-Token bookkeeping: each piece is tokenized on its own (no special tokens) and the ids are
-concatenated, so segment boundaries are exact; a separator is tokenized separately and
-belongs to the piece it ends. With a chat template the whole packed text is the user turn:
-the template's text before the message joins the prefix piece, the text after it
-(assistant header) the suffix piece. Without one a BOS token starts the prompt when the
-tokenizer adds one to encoded text.
-"""
+"""``SelfEnsemble``: greedy decoding of packed prompts (``"flex"``) and of the paraphrase
+prompts one by one (``"avg"``, ``"max"``, ``"per_prompt"``, ``"origin"``)."""
 
 from __future__ import annotations
 
@@ -41,40 +11,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from . import masks
-from ._checks import check_choice, check_int
-from .layout import SegmentLayout
-from .mask import Mask
+from .._checks import check_choice, check_int
+from ..layout import SegmentLayout
+from .batch_mask import segments_batch_mask
+from .packing import PackedPrompt, PromptPacker
+from .stopping import Stopper
 
 METHODS = ("flex", "avg", "max", "per_prompt", "origin")
 POSITION_MODES = ("aligned", "continuous")
-_SENTINEL = "\u0000FLEXSPARSE-CONTENT\u0000"
-
-
-@dataclass
-class PackedPrompt:
-    """One question packed for ``"flex"``.
-
-    Attributes:
-        ids: the prompt token ids (prefix, segments, suffix concatenated).
-        layout: the ``SegmentLayout`` of ``ids``.
-        pieces: ``(label, text)`` of every piece, in order (for pictures).
-        prefix_ids, segment_ids, suffix_ids: the ids of each piece.
-    """
-
-    ids: list[int]
-    layout: SegmentLayout
-    pieces: list[tuple[str, str]]
-    prefix_ids: list[int]
-    segment_ids: list[list[int]]
-    suffix_ids: list[int]
-
-    def single(self, i: int) -> list[int]:
-        """The prompt of paraphrase ``i`` alone (same pieces, continuous positions)."""
-        return self.prefix_ids + self.segment_ids[i] + self.suffix_ids
-
-    def positions(self, mode: str) -> list[int]:
-        return self.layout.position_ids(mode).tolist()
 
 
 @dataclass
@@ -99,135 +43,6 @@ class EnsembleResult:
     method: str
     timing: dict
     candidates: list[str] = field(default_factory=list)
-
-
-def segments_batch_mask(layouts: Sequence[SegmentLayout], heads: int | None = None) -> Mask:
-    """Segment isolation (causal) for a batch of packed prompts, on each row's unpadded
-    positions: token ``q`` sees key ``kv <= q`` when the key is in the prefix, in the
-    query's segment, or the query is in the suffix / generated part (which sees all).
-
-    Row ``b`` indexes a ``[B, max_len + 1]`` segment-id lookup; positions past a row's
-    layout are its suffix (generated tokens), so the mask has no fixed length.
-    One row is ``masks.segments(layout)``; a batch stacks the rows' exact tile rules.
-    ``heads`` (optional) makes the mask's dense form ``[B, heads, Q, KV]``."""
-    if not layouts:
-        raise ValueError("layouts must hold at least one SegmentLayout, got []")
-    for i, lay in enumerate(layouts):
-        if not isinstance(lay, SegmentLayout):
-            raise TypeError(f"layouts[{i}] must be a SegmentLayout, got {type(lay).__name__}")
-    rows = [masks.segments(lay) for lay in layouts]
-    if len(rows) == 1:
-        return rows[0]  # the pattern library's mask, with its exact tile rule
-    width = max(lay.length for lay in layouts) + 1
-    ids = torch.stack([
-        torch.cat([lay.segment_ids(), torch.full((width - lay.length,), lay.suffix_id)])
-        for lay in layouts
-    ])
-    suffix = torch.tensor([lay.suffix_id for lay in layouts])
-    batch = len(layouts)
-    last = width - 1
-
-    def on_device(device):
-        ids_d, suffix_d = ids.to(device), suffix.to(device)
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            qi, ki = torch.clamp(q_idx, 0, last), torch.clamp(kv_idx, 0, last)
-            sq, sk, suf = ids_d[b, qi], ids_d[b, ki], suffix_d[b]
-            return (kv_idx <= q_idx) & ((sk == 0) | (sq == sk) | (sq == suf))
-
-        rules = [row.tile_rule_for(device) for row in rows]
-
-        def rule(grid):
-            # each row's exact segment tile rule, stacked over the batch: [B, 1, Qb, KVb]
-            return torch.stack([r(grid) for r in rules])[:, None]
-
-        return mask_mod, rule
-
-    return Mask(
-        on_device=on_device, has_tile_rule=True, name=f"segments(batch={len(layouts)})",
-        batch=batch, heads=heads,
-    )
-
-
-class PromptPacker:
-    """Packs a question's pieces into token ids and a ``SegmentLayout`` (tokenizer only).
-
-    Pieces are tokenized separately and their ids concatenated, so segment boundaries are
-    exact (no re-tokenization drift); the chat template is applied when the tokenizer has
-    one (or ``chat_template=True``); separators belong to the segment they end.
-    """
-
-    def __init__(self, tokenizer, separator: str = "\n\n", chat_template: bool | None = None):
-        if not isinstance(separator, str):
-            raise TypeError(f"separator must be a str, got {type(separator).__name__}")
-        self.tokenizer = tokenizer
-        self.separator = separator
-        has_template = bool(getattr(tokenizer, "chat_template", None))
-        self.chat_template = has_template if chat_template is None else bool(chat_template)
-        if self.chat_template and not has_template:
-            raise ValueError("chat_template=True but the tokenizer has no chat template")
-        self._head, self._tail = self._template_parts()
-
-    # -- prompt building ----------------------------------------------------------------
-    def _template_parts(self) -> tuple[str, str]:
-        if not self.chat_template:
-            return "", ""
-        text = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": _SENTINEL}], tokenize=False,
-            add_generation_prompt=True,
-        )
-        head, sep, tail = text.partition(_SENTINEL)
-        if not sep:
-            raise ValueError("the chat template does not contain the user message verbatim")
-        return head, tail
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of one piece (no special tokens added)."""
-        if not text:
-            return []
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def _bos(self) -> list[int]:
-        if self.chat_template:
-            return []  # the template writes its own BOS text
-        bos = getattr(self.tokenizer, "bos_token_id", None)
-        if bos is None:
-            return []
-        probe = self.tokenizer("a")["input_ids"]
-        return [bos] if probe and probe[0] == bos else []
-
-    def pack(self, paraphrases: Sequence[str], prefix: str = "", suffix: str = "") -> PackedPrompt:
-        """Pack one question (see the module docstring for the pieces)."""
-        paraphrases = _check_paraphrases(paraphrases)
-        for name, value in (("prefix", prefix), ("suffix", suffix)):
-            if not isinstance(value, str):
-                raise TypeError(f"{name} must be a str, got {type(value).__name__}")
-        sep_ids = self.encode(self.separator)
-        pieces = []
-        prefix_ids = self._bos() + self.encode(self._head)
-        if self._head:
-            pieces.append(("template", self._head))
-        if prefix:
-            prefix_ids += self.encode(prefix) + sep_ids
-            pieces.append(("prefix", prefix + self.separator))
-        segments = []
-        for i, p in enumerate(paraphrases):
-            ids = self.encode(p) + sep_ids
-            if not ids:
-                raise ValueError(f"paraphrases[{i}] tokenizes to no tokens: {p!r}")
-            segments.append(ids)
-            pieces.append((f"seg {i + 1}", p + self.separator))
-        suffix_ids = self.encode(suffix) + self.encode(self._tail)
-        if suffix:
-            pieces.append(("suffix", suffix))
-        if self._tail:
-            pieces.append(("template", self._tail))
-        layout = SegmentLayout(
-            prefix=len(prefix_ids), segments=[len(s) for s in segments], suffix=len(suffix_ids)
-        )
-        ids = prefix_ids + [t for s in segments for t in s] + suffix_ids
-        return PackedPrompt(ids, layout, pieces, prefix_ids, segments, suffix_ids)
-
 
 
 class SelfEnsemble:
@@ -313,7 +128,7 @@ class SelfEnsemble:
         prefixes = _per_question("prefix", prefix, n)
         suffixes = _per_question("suffix", suffix, n)
         packed = [self.pack(q, p, s) for q, p, s in zip(questions, prefixes, suffixes)]
-        stopper = _Stopper(self.tokenizer, self.eos_ids, stop, stop_on_newline)
+        stopper = Stopper(self.tokenizer, self.eos_ids, stop, stop_on_newline)
         if method in ("avg", "max"):
             results: list = [None] * n
             by_k: dict[int, list[int]] = {}
@@ -369,7 +184,7 @@ class SelfEnsemble:
 
     def _rows(self, rows, positions, mask, max_new_tokens, stopper):
         """Greedy decoding of independent rows (left padded batch, one cache)."""
-        from .models import llama
+        from ..models import llama
 
         device = self._device()
         ids, attn, pos = _left_pad(rows, positions, self.pad_id, device)
@@ -396,7 +211,7 @@ class SelfEnsemble:
 
     def _pooled(self, group: list[PackedPrompt], method: str, max_new_tokens, stopper):
         """``avg`` / ``max``: one cache and one forward per paraphrase slot per step."""
-        from .models import llama
+        from ..models import llama
 
         device = self._device()
         k = len(group[0].segment_ids)
@@ -429,18 +244,6 @@ class SelfEnsemble:
 
 
 # -- helpers -----------------------------------------------------------------------------
-def _check_paraphrases(paraphrases) -> list[str]:
-    if isinstance(paraphrases, str) or not hasattr(paraphrases, "__iter__"):
-        raise TypeError(f"paraphrases must be a list of strings, got {paraphrases!r}")
-    paraphrases = list(paraphrases)
-    if not paraphrases:
-        raise ValueError("paraphrases must hold at least one paraphrase, got []")
-    for i, p in enumerate(paraphrases):
-        if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"paraphrases[{i}] must be a non-empty string, got {p!r}")
-    return paraphrases
-
-
 def _per_question(name: str, value, n: int) -> list[str]:
     if isinstance(value, str):
         return [value] * n
@@ -530,85 +333,3 @@ def _vote(texts: list[str]) -> int:
     counts = Counter(norm)
     best = max(counts.values())
     return next(i for i, t in enumerate(norm) if counts[t] == best)
-
-
-class _Stopper:
-    """Greedy stopping rules: EOS, stop strings, newline after text."""
-
-    def __init__(self, tokenizer, eos_ids, stop, stop_on_newline: bool):
-        if isinstance(stop, str):
-            stop = [stop]
-        stop = list(stop or [])
-        for i, s in enumerate(stop):
-            if not isinstance(s, str) or not s:
-                raise ValueError(f"stop[{i}] must be a non-empty string, got {s!r}")
-        self.tokenizer, self.eos_ids = tokenizer, eos_ids
-        self.stop, self.newline = stop, stop_on_newline
-
-    def push(self, ids: list[int], token: int) -> bool:
-        """Append ``token`` to ``ids`` unless it is EOS; True when the row is finished."""
-        if token in self.eos_ids:
-            return True
-        ids.append(token)
-        if not self.stop and not self.newline:
-            return False
-        return self._cut(self._decode(ids)) is not None
-
-    def _decode(self, ids) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def _cut(self, text: str) -> int | None:
-        """Where the answer ends in ``text`` (a stop string or newline), or None."""
-        ends = [text.find(s) for s in self.stop if s in text]
-        if self.newline:
-            start = len(text) - len(text.lstrip())
-            nl = text.find("\n", start)
-            if nl >= 0:
-                ends.append(nl)
-        return min(ends) if ends else None
-
-    def text(self, ids) -> str:
-        text = self._decode(ids)
-        cut = self._cut(text)
-        return (text if cut is None else text[:cut]).strip()
-
-
-# -- answer metrics (SQuAD-style normalisation) --------------------------------------------
-def normalize_answer(text: str) -> str:
-    """Lower case, drop punctuation and the articles a/an/the, collapse whitespace."""
-    import re
-    import string
-
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def exact_match(prediction: str, answers: Sequence[str]) -> float:
-    """1.0 when the normalised prediction equals a normalised gold answer."""
-    pred = normalize_answer(prediction)
-    return float(any(pred == normalize_answer(a) for a in answers))
-
-
-def token_f1(prediction: str, answers: Sequence[str]) -> float:
-    """Best token-overlap F1 of the prediction against the gold answers."""
-    pred = normalize_answer(prediction).split()
-    best = 0.0
-    for a in answers:
-        gold = normalize_answer(a).split()
-        common = sum((Counter(pred) & Counter(gold)).values())
-        if not pred or not gold:
-            score = float(pred == gold)
-        elif common == 0:
-            score = 0.0
-        else:
-            precision, recall = common / len(pred), common / len(gold)
-            score = 2 * precision * recall / (precision + recall)
-        best = max(best, score)
-    return best
-
-
-def contains_answer(prediction: str, answers: Sequence[str]) -> float:
-    """1.0 when a normalised gold answer occurs in the normalised prediction."""
-    pred = f" {normalize_answer(prediction)} "
-    return float(any(f" {normalize_answer(a)} " in pred for a in answers if normalize_answer(a)))

@@ -1,0 +1,82 @@
+"""Dispatch on CUDA: what ``auto`` picks, the dense kernel for maps that keep (nearly)
+everything, chunked SDPA and aliased inputs through compiled FlexAttention."""
+
+import importlib
+
+import pytest
+import torch
+
+import flexsparse as fs
+from flexsparse import backends, masks
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+fa = importlib.import_module("flexsparse.attention")
+
+
+def rel_l2(out, ref):
+    out = out.detach().to("cpu", torch.float64)
+    return float((out - ref).norm() / ref.norm())
+
+
+def qkv(n, h=4, d=64, dtype=torch.bfloat16):
+    return tuple(torch.randn(1, h, n, d, device="cuda", dtype=dtype) for _ in range(3))
+
+
+def test_auto_choices_on_cuda():
+    q, k, v = qkv(700)
+    assert fs.explain(q, k, v, None).sdpa_mode == "none"
+    assert fs.explain(q, k, v, masks.causal()).sdpa_mode == "causal"
+    kept_all = fs.Mask.from_tiles(torch.ones(6, 6, dtype=torch.bool), 128)
+    assert fs.explain(q, k, v, kept_all).sdpa_mode == "none"
+    choice = fs.explain(q, k, v, masks.sliding_window(100))
+    assert choice.backend in ("flex", "quant")
+    assert dict(choice.reasons)["sdpa"], "sdpa must say why it is not picked"
+    step = fs.explain(q[:, :, -4:], k, v, masks.sliding_window(100))
+    assert step.backend == "sdpa" and "query rows" in step.reason
+
+
+def test_predicted_map_keeping_everything_runs_dense():
+    q, k, v = qkv(1024)
+    dyn = masks.meansim(1.5, cdfthreshd=1.0)  # simthreshd1 >= 1: every tile kept
+    choice = fs.explain(q, k, v, dyn)
+    assert choice.sdpa_mode == "none" and "prediction dropped" in choice.notes[0]
+    out = fs.attention(q, k, v, dyn)
+    assert rel_l2(out, fs.reference(q, k, v)) < 1e-2
+
+
+def test_predicted_sparse_map_is_kept():
+    n = 1024
+    q, k, v = qkv(n)
+    kept = torch.rand(1, 4, n // 128, n // 64, device="cuda") < 0.3
+    kept[..., 0] = True
+
+    class Fixed(fs.DynamicMask):
+        def bind(self, q, k):
+            m = fs.Mask.from_tiles(kept, (128, 64), length=k.shape[2])
+            m.native_block_size = (128, 64)
+            return m
+
+    dyn = Fixed()
+    choice = fs.explain(q, k, v, dyn)
+    assert choice.notes == () and choice.backend in ("flex", "quant")
+    out = fs.attention(q, k, v, dyn)
+    assert rel_l2(out, fs.reference(q, k, v, dyn.bind(q, k))) < 3e-2
+
+
+def test_chunked_sdpa_on_cuda_matches_reference(monkeypatch):
+    monkeypatch.setattr(backends, "SDPA_CHUNK_ELEMENTS", 1 << 16)
+    layout = fs.VideoLayout(frames=4, tokens_per_frame=200, text_tokens=30)
+    mask = masks.frame_window(layout, 1)
+    q, k, v = qkv(layout.length)
+    out = fs.attention(q, k, v, mask, backend="sdpa")
+    assert rel_l2(out, fs.reference(q, k, v, mask)) < 1e-2
+
+
+def test_aliased_inputs_compiled_flex():
+    q = torch.randn(1, 2, 256, 64, device="cuda", dtype=torch.bfloat16)
+    fs.attention(q * 2, q, q, masks.causal(), backend="flex")
+    seg = masks.segments(fs.SegmentLayout(prefix=12, segments=[20, 18, 22], suffix=6))
+    x = torch.randn(1, 2, 78, 64, device="cuda", dtype=torch.bfloat16)
+    fs.attention(x, x, x, seg, backend="flex")
+    out = fs.attention(q, q, q, masks.causal(), backend="flex")
+    assert rel_l2(out, fs.reference(q, q, q, masks.causal())) < 1e-2
