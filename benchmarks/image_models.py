@@ -1,7 +1,7 @@
 """Flux and HunyuanDiT at 1024 x 1024: meansim (SpargeAttn's default thresholds) through
 flexsparse vs the stock SDPA processors, bf16, random weights at real width.
 
-    python benchmarks/image_models.py [--quick] [-o benchmarks/results/image_models.md]
+    python benchmarks/image_models.py [--quick] [-o FILE.md]
 
 Models (random weights built on the GPU, no download):
 - FLUX.1: 24 heads x 128 (hidden 3072), 19 dual-stream + 38 single-stream blocks; 512 T5

@@ -467,7 +467,7 @@ def quant_reference(
 
 #: Launch configuration per (head_dim, pv_dtype, tile_n): block_n, num_warps, num_stages.
 #: Measured on an H100 (2026-11-25, dense 2x30x17776 D=64 / 2x24x17776 D=128, effective
-#: TOPS; benchmarks/results/kernel_notes.md): D=64 fp16 bn128 w4 s3 491, fp8 bn128 w4 s2
+#: TOPS; docs/kernel_notes.md): D=64 fp16 bn128 w4 s3 491, fp8 bn128 w4 s2
 #: 466; D=128 fp16 bn64 w4 s3 637 (w8: 573), fp8 bn128 w8 s3 623, fp8 bn64 w8 s3 546.
 CONFIGS: dict[tuple[int, str, int], tuple[int, int, int]] = {
     (64, "fp16", 128): (128, 4, 3),
@@ -681,23 +681,3 @@ class QuantBackend:
         return quant_attention(
             call.q, call.k, call.v, causal=mode == "causal", scale=call.scale
         )
-
-
-# -- the old entry points (kept until attention.py uses QuantBackend) ----------------------
-
-
-def supports(q: Tensor, k: Tensor, mask) -> str | None:
-    """None when the quant kernel can run this call, else the reasons it cannot."""
-    from ..call import AttentionCall
-
-    call = AttentionCall(q, k, k, mask, q.shape[-1] ** -0.5, q.shape[1] != k.shape[1])
-    reasons = QuantBackend().not_supported_reasons(call)
-    return "; ".join(reasons) if reasons else None
-
-
-def run(q: Tensor, k: Tensor, v: Tensor, mask, scale, enable_gqa) -> Tensor:
-    """``flexsparse.attention``'s old backend entry (``supports`` said yes)."""
-    from ..call import AttentionCall
-
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return QuantBackend().run(AttentionCall(q, k, v, mask, scale, bool(enable_gqa)))
