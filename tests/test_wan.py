@@ -25,7 +25,7 @@ from flexsparse import models  # noqa: E402
 from flexsparse.models import wan  # noqa: E402
 from flexsparse.models._patch import ATTR  # noqa: E402
 from flexsparse.models._video import SparseProcessor, TokenGrid  # noqa: E402
-from tests.test_models_base import CHECKS, AdapterCase, forward, reference  # noqa: E402
+from tests.test_models_base import CHECKS, AdapterCase, forward, loaded, reference  # noqa: E402
 
 FRAMES, HW, BLOCK = 17, 64, 16
 GRID = TokenGrid(5, 4, 4)
@@ -90,24 +90,15 @@ CASE = AdapterCase(
 )
 
 
-def _load(path) -> WanTransformer3DModel:
-    """``WanTransformer3DModel`` saved with ``save_pretrained``, loaded back from its config
-    and weights (``from_pretrained`` needs accelerate for Wan's fp32-kept modules)."""
-    from safetensors.torch import load_file
-
-    model = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(path))
-    model.load_state_dict(load_file(path / "diffusion_pytorch_model.safetensors"))
-    return model.eval()
-
-
 def _saved(model, path) -> WanTransformer3DModel:
+    """``model`` saved with ``save_pretrained`` and loaded back with ``from_pretrained``."""
     model.save_pretrained(path)
-    return _load(path)
+    return WanTransformer3DModel.from_pretrained(path).eval()
 
 
 @pytest.fixture
 def transformer(tmp_path_factory):
-    return _saved(_build(), tmp_path_factory.mktemp("wan") / "transformer")
+    return loaded(CASE, tmp_path_factory)
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
@@ -201,3 +192,24 @@ def test_dispatch(transformer):
     models.unpatch(transformer)
     with pytest.raises(TypeError, match="WanTransformer3DModel"):
         wan.patch(torch.nn.Linear(2, 2), **VIDEO)
+
+
+def test_cli_video_end_to_end_on_a_saved_wan_pipeline(tmp_path, capsys):
+    """``flexsparse video --model DIR`` on a Wan pipeline folder: the pipeline class comes
+    from model_index.json, the transformer is patched radial, the trace shows the steps."""
+    from flexsparse.cli import main
+
+    torch.manual_seed(0)
+    model = tmp_path / "tiny-wan"
+    _tiny_pipeline(_build()).save_pretrained(model)
+    out = tmp_path / "out.mp4"
+    rc = main(["video", "--model", str(model), "--prompt", "a cat runs on the beach",
+               "--frames", str(FRAMES), "--height", str(HW), "--width", str(HW),
+               "--steps", "2", "--dense-timesteps", "1", "--block-size", str(BLOCK),
+               "--seed", "0", "-o", str(out), "--trace"])
+    assert rc == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    tokens = GRID.frames * GRID.height * GRID.width
+    assert f"{FRAMES} frames at {HW}x{HW} -> {tokens} tokens" in text
+    assert "step 0: dense dense" in text and "step 1: sparse sparse" in text
+    assert any(p.name.startswith("out") for p in tmp_path.iterdir())
