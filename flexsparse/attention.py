@@ -49,6 +49,8 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #:
 #: - ``flex``: 1.09x / 0.92x / 0.83x: break-even near 0.83 kept.
 #: - ``quant``: 1.23x / 1.03x / 0.85x: break-even near 0.92 kept.
+#: - the same table on an H100 (final run of 2026-11-25, BENCHMARKS.md): flex 1.12x /
+#:   0.89x / 0.83x, quant 1.24x / 1.04x / 0.88x.
 #: - ``sdpa`` (CPU, materialised rows): on the CPU the map's meaning is kept rather than
 #:   traded for speed: dropped only when it keeps every tile.
 #:
@@ -363,7 +365,8 @@ def attention(
     chosen, choice, call = _prepare(
         q, k, v, mask, scale, backend, enable_gqa, block_size, compile
     )
-    log.debug("flexsparse.attention: %s", choice)
+    if not torch.compiler.is_compiling():  # logging is not traceable (fullgraph compile)
+        log.debug("flexsparse.attention: %s", choice)
     return chosen.run(call)
 
 

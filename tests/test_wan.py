@@ -213,3 +213,16 @@ def test_cli_video_end_to_end_on_a_saved_wan_pipeline(tmp_path, capsys):
     assert f"{FRAMES} frames at {HW}x{HW} -> {tokens} tokens" in text
     assert "step 0: dense dense" in text and "step 1: sparse sparse" in text
     assert any(p.name.startswith("out") for p in tmp_path.iterdir())
+
+
+def test_torch_compile_of_a_patched_transformer_equals_eager(transformer):
+    """``torch.compile(transformer)`` (default ``fullgraph=False``: Dynamo breaks the graph
+    around the mask lookups) runs the patched processors and gives the eager answer."""
+    wan.patch(transformer, **VIDEO, block_size=BLOCK, backend="sdpa")
+    inputs = _inputs(GRID)
+    eager = forward(transformer, inputs)
+    torch._dynamo.reset()
+    compiled = torch.compile(transformer, backend="aot_eager")
+    torch.testing.assert_close(forward(compiled, inputs), eager, atol=1e-6, rtol=0)
+    wan.unpatch(transformer)
+    assert eager.ne(forward(transformer, inputs)).any()  # the sparse answer, not the stock one

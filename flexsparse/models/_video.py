@@ -392,7 +392,10 @@ class _PreHook:
         except TypeError:
             return None  # the forward itself will say what is wrong with the call
         inputs = bound.arguments
-        self.state.steps.see(inputs.get("timestep"))
+        if self.state.settings.dense_timesteps or self.state.trace is not None:
+            # reading the timestep is a host sync (and data-dependent under fullgraph
+            # compile): only when the step decides dense layers or is recorded
+            self.state.steps.see(inputs.get("timestep"))
         seen = self.adapter.token_grid(module, inputs)
         self.state.seen = seen
         if seen is not None:
