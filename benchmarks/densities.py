@@ -34,6 +34,7 @@ from common import header, save, table  # noqa: E402
 import flexsparse as fs  # noqa: E402
 from flexsparse import masks  # noqa: E402
 from flexsparse import tiles as T  # noqa: E402
+from flexsparse.masks.radial import blind_tokens  # noqa: E402
 
 CONFIGS = [
     # label, (frames, height, width, model), decay factor
@@ -110,21 +111,6 @@ DIAGONAL_CONFIGS = [
     ("HunyuanVideo 117x768x1280", (117, 768, 1280, "hunyuan"), 0.95),
     ("Wan2.1 81x720x1280", (81, 720, 1280, "wan2.1"), 0.2),
 ]
-
-
-def blind_tokens(kept: torch.Tensor, layout: fs.VideoLayout, block: int) -> int:
-    """Video query tokens whose kept tiles (block-granular map) hold no key of their own
-    frame: token of frame ``f`` in block row ``r`` sees its frame iff a kept tile of row
-    ``r`` overlaps the key blocks of ``f`` (prefix sums along the row)."""
-    t, vs = layout.tokens_per_frame, layout.video_start
-    sums = torch.nn.functional.pad(kept.to(torch.int64).cumsum(1), (1, 0))
-    blind = 0
-    for f in range(layout.frames):
-        lo, hi = vs + f * t, vs + (f + 1) * t - 1
-        for row in range(lo // block, hi // block + 1):
-            if sums[row, hi // block + 1] == sums[row, lo // block]:
-                blind += min(hi, row * block + block - 1) - max(lo, row * block) + 1
-    return blind
 
 
 def diagonal_rows() -> list[dict]:

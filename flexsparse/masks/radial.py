@@ -152,6 +152,29 @@ def radial(
 
 
 # -- granularity="block": the original's tile map ------------------------------------------
+def blind_tokens(kept: Tensor, layout: VideoLayout, block: int) -> int:
+    """How many video query tokens of a block-granular tile map see no key of their own
+    frame (the hole ``keep_diagonal=True`` closes in the published radial map).
+
+    Args:
+        kept: bool ``[Qb, KVb]``, the map at ``block x block`` tiles (``radial_block_map``).
+        layout: the layout the map was built for.
+        block: its tile size.
+
+    A token of frame ``f`` in block row ``r`` sees its frame iff a kept tile of row ``r``
+    overlaps the key blocks of ``f``: prefix sums along the rows, no ``N^2`` work.
+    """
+    t, vs = layout.tokens_per_frame, layout.video_start
+    sums = torch.nn.functional.pad(kept.to(torch.int64).cumsum(1), (1, 0)).tolist()
+    blind = 0
+    for f in range(layout.frames):
+        lo, hi = vs + f * t, vs + (f + 1) * t - 1
+        for row in range(lo // block, hi // block + 1):
+            if sums[row][hi // block + 1] == sums[row][lo // block]:
+                blind += min(hi, row * block + block - 1) - max(lo, row * block) + 1
+    return blind
+
+
 def _block_radial(
     layout: VideoLayout, tables: RadialTables, block: int, name: str, keep_diagonal: bool
 ) -> Mask:
