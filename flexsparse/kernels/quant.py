@@ -662,8 +662,7 @@ class QuantBackend:
             reasons.append(f"block_size must be one of {TILE_SIZES}, got {tile}")
         if reasons or _mode_of(call.mask) != "tiles":
             return reasons
-        bm = call.block_mask(tile)
-        n_partial = int(bm.kv_num_blocks.sum())
+        n_partial = call.tile_counts(tile).partial  # one host sync per BlockMask, cached
         need = n_partial * BLOCK_M * tile[1] // 8
         if need > MAX_BITS_BYTES:
             reasons.append(
