@@ -4,6 +4,7 @@ and the legacy kernel (``flexsparse.kernels._legacy``, the kernel of 2026-11-24)
     python benchmarks/quant.py --part dense    # TOPS at D=64 / 128, launch-config sweep
     python benchmarks/quant.py --part sparse   # radial (block and token), meansim, accuracy
     python benchmarks/quant.py --part partial  # partial-tile bits: old vs new, crossover
+    python benchmarks/quant.py --part kernel   # exp split and V in place vs cuDNN, legacy
 
 Effective TOPS = 4 * B * H * Nq * Nk * D * density / time. Writes ``$OUT/quant_<part>.json``
 and ``.md`` when ``OUT`` is set.
@@ -103,6 +104,81 @@ def dense_part(gen, pvs) -> list[dict]:
                     continue
                 rows.append(dict(table="dense", shape=name, impl=f"new {pv} bn{bn} w{nw} s{ns}",
                                  ms=ms, tops=ops / ms / 1e9, vs_cudnn=base / ms))
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
+KERNEL_SWEEP = [(128, 4, 3), (64, 4, 3), (128, 8, 3), (64, 8, 3)]
+
+
+def kernel_part(gen) -> list[dict]:
+    """The kernel variants of one run: half of the exponentials on the FMA pipe
+    (``exp_split``) or all on the MUFU, V read in place (``bf16``, the inputs' dtype) or
+    converted (``fp16``), against cuDNN and the legacy kernel; dense and radial maps."""
+    rows = []
+    for name, (b, h, n, d) in DENSE.items():
+        q, k, v = (torch.randn(b, h, n, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+                   for _ in range(3))
+        ops = 4.0 * b * h * n * n * d
+        base = ms_of(functools.partial(cudnn, q, k, v))
+        rows.append(dict(table="dense", shape=name, impl="cudnn bf16", ms=base,
+                         tops=ops / base / 1e9, vs_cudnn=1.0))
+        ms = ms_of(functools.partial(legacy_quant_attention, q, k, v, pv_dtype="fp16"))
+        rows.append(dict(table="dense", shape=name, impl="legacy fp16", ms=ms,
+                         tops=ops / ms / 1e9, vs_cudnn=base / ms))
+        dflt = (None, None, None)
+        variants = [("bf16", False, False, c) for c in KERNEL_SWEEP] + [
+            ("bf16", False, True, c) for c in KERNEL_SWEEP] + [
+            ("bf16", True, False, dflt), ("fp16", False, False, dflt), ("fp16", False, True, dflt)]
+        for pv, split, e16, (bn, nw, ns) in variants:
+            fn = functools.partial(quant_attention, q, k, v, pv_dtype=pv, exp_split=split,
+                                   exp16=e16, block_n=bn, num_warps=nw, num_stages=ns)
+            try:
+                ms = ms_of(fn)
+            except Exception as exc:  # noqa: BLE001 - a config may not fit
+                print(f"{name} {pv} {split} bn{bn} w{nw} s{ns}: {str(exc)[:160]}")
+                continue
+            cfg = "default" if bn is None else f"bn{bn} w{nw} s{ns}"
+            what = "exp16" if e16 else ("split" if split else "mufu")
+            rows.append(dict(table="dense", shape=name, impl=f"new {pv} {what} {cfg}",
+                             ms=ms, tops=ops / ms / 1e9, vs_cudnn=base / ms))
+            print(rows[-1], flush=True)
+        del q, k, v
+        torch.cuda.empty_cache()
+    for kind in ("random", "structured"):
+        for d in (64, 128):
+            for dt in (torch.bfloat16, torch.float16):
+                if kind == "random":
+                    q, k, v = (torch.randn(1, 2, 17776, d, device="cuda", generator=gen,
+                                           dtype=dt) for _ in range(3))
+                else:
+                    q, k, v = (structured(1, 2, 17776, d, gen).to(dt) for _ in range(3))
+                ref = fp32_ref(q, k, v, None)
+                for e16 in (False, True):
+                    err, cos = rel(quant_attention(q, k, v, exp16=e16), ref)
+                    rows.append(dict(table="accuracy", case=f"{kind} D{d} {dt}",
+                                     impl=f"exp16={e16}", rel_l2=err, cosine=cos,
+                                     ok=err <= 3e-2 and cos >= 0.999))
+                    print(rows[-1], flush=True)
+    for name, (model, f, hgt, wid, decay, b, h, d) in RADIAL.items():
+        lay = fs.VideoLayout.from_video(f, hgt, wid, model)
+        n = lay.frames * lay.tokens_per_frame + lay.text_tokens
+        q, k, v = (torch.randn(b, h, n, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+                   for _ in range(3))
+        base = ms_of(functools.partial(cudnn, q, k, v))
+        rows.append(dict(table="radial", case=name, impl="cudnn bf16 dense", ms=base,
+                         vs_cudnn=1.0))
+        mask = masks.radial(lay, decay, model)
+        for tile in ((128, 128), (128, 64)):
+            bm = mask.block_mask(n, n, device="cuda", block_size=tile, noop=True)
+            tile_lists(bm)
+            for e16 in (False, True):
+                fn = functools.partial(quant_attention, q, k, v, block_mask=bm, exp16=e16)
+                ms = ms_of(fn)
+                rows.append(dict(table="radial", case=name,
+                                 impl=f"new auto {tile[0]}x{tile[1]} exp16={e16}", ms=ms,
+                                 vs_cudnn=base / ms))
         del q, k, v
         torch.cuda.empty_cache()
     return rows
@@ -302,7 +378,7 @@ def partial_part(gen, flex) -> list[dict]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["dense", "sparse", "meansim", "partial"],
+    ap.add_argument("--part", choices=["dense", "sparse", "meansim", "partial", "kernel"],
                     default="dense")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -312,6 +388,9 @@ def main() -> int:
     pvs = ["fp16"] + (["fp8"] if torch.cuda.get_device_capability() >= (8, 9) else [])
     if args.part == "dense":
         rows = dense_part(gen, pvs)
+        cols = ["shape", "impl", "ms", "tops", "vs_cudnn"]
+    elif args.part == "kernel":
+        rows = kernel_part(gen)
         cols = ["shape", "impl", "ms", "tops", "vs_cudnn"]
     elif args.part == "sparse":
         from torch.nn.attention.flex_attention import flex_attention
@@ -330,7 +409,7 @@ def main() -> int:
     for name, c in (
         ("dense", cols),
         ("radial", ["case", "impl", "density", "ms", "tops", "vs_cudnn", "partial",
-                    "bits_mib"]),
+                    "bits_mib"] if args.part != "kernel" else ["case", "impl", "ms", "vs_cudnn"]),
         ("partial", ["case", "impl", "density", "tiles_kept", "partial_frac", "ms",
                      "vs_cudnn"]),
         ("crossover", ["case", "density", "tiles_kept", "partial_frac", "quant_ms", "flex_ms",

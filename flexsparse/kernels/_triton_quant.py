@@ -1,16 +1,20 @@
 """Triton kernels of the quantized block-sparse attention (see ``quant.py`` for the
 arithmetic, which ``quant_reference`` mirrors in PyTorch).
 
-Three launches per call:
+Launches per call:
   1. ``_quant_rows``: Q (times ``scale * log2(e)``) and smoothed K to INT8, one fp32
-     scale per block of rows, padded rows written as zeros; one pass each.
-  2. ``_quant_v``: V to FP8 e4m3 with a per-channel scale, stored transposed
-     ``[B, H, D, N_pad]`` so that the P·V product reads it K-major (what fp8 MMA wants),
-     or to FP16 ``[B, H, N_pad, D]`` (padded, clamped).
-  3. ``_attn``: INT8 ``Q·Kᵀ`` -> int32, exact int->fp32 conversion by the magic-number
-     trick (an integer add and an exact float subtract instead of a 16/clk I2F), online
-     softmax in base 2, P·V in FP8 or FP16 with fp32 accumulation,
-     tile skipping from a tile list, in-kernel causal rule, optional ``pvthreshd``.
+     scale per block of rows, padded rows written as zeros; one pass each. (Quantizing
+     Q inside ``_attn`` instead, from registers, measured 14-24 % slower: the int8 dot
+     operand then comes from registers, not shared memory; docs/kernel_notes.md.)
+  2. ``_quant_v``, only when V must change format: to FP8 e4m3 with a per-channel scale,
+     stored transposed ``[B, H, D, N_pad]`` so that the P·V product reads it K-major
+     (what fp8 MMA wants), or to the other 16-bit float ``[B, H, N_pad, D]``. When the
+     P·V precision is V's own dtype (the default), ``_attn`` reads V where it lies.
+  3. ``_attn``: INT8 ``Q·Kᵀ`` -> int32, exact
+     int->fp32 conversion by the magic-number trick (an integer add and an exact float
+     subtract instead of a 16/clk I2F), online softmax in base 2, P·V in FP8, FP16 or
+     BF16 with fp32 accumulation, tile skipping from a tile list, in-kernel causal rule,
+     optional ``pvthreshd``.
 
 Only imported when a CUDA call (or a test under ``TRITON_INTERPRET=1``) needs it.
 """
@@ -25,6 +29,12 @@ LOG2_FP8_MAX = tl.constexpr(8.807354922057604)
 #: 1.5 * 2**23: for |x| < 2**22, float_bits(x + MAGIC_INT) - MAGIC_FLOAT == float(x).
 MAGIC_INT = tl.constexpr(0x4B400000)
 MAGIC_FLOAT = tl.constexpr(12582912.0)
+#: 2^f on [-0.5, 0.5], least squares in relative error: max relative error 7.7e-5 (an
+#: fp16 P rounds at 4.9e-4, a bf16 P at 3.9e-3).
+EXP2_C0 = tl.constexpr(0.9999289048020072)
+EXP2_C1 = tl.constexpr(0.6932762833525732)
+EXP2_C2 = tl.constexpr(0.2426046562099919)
+EXP2_C3 = tl.constexpr(0.0550887670744585)
 #: Floor of a block's absolute maximum, so that an all-zero block gets a finite scale.
 AMAX_EPS = tl.constexpr(1e-20)
 
@@ -71,8 +81,8 @@ def _quant_v(
     OUT_FP8: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
 ):
     """V [B, H, N, D] for the P·V product, zeros past N. OUT_FP8: times the per-channel
-    ``Inv`` [B, H, D], e4m3, stored transposed into Out [B, H, D, N_PAD]; else fp16
-    (clamped to its range) into Out [B, H, N_PAD, D]."""
+    ``Inv`` [B, H, D], e4m3, stored transposed into Out [B, H, D, N_PAD]; else Out's
+    16-bit float (fp16: clamped to its range) into Out [B, H, N_PAD, D]."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -89,9 +99,50 @@ def _quant_v(
         dst = Out + bh.to(tl.int64) * D * N_PAD
         tl.store(dst + cols[None, :] * N_PAD + rows[:, None], y, mask=keep)
     else:
-        y = tl.clamp(x, -65504.0, 65504.0).to(tl.float16)
+        if Out.dtype.element_ty == tl.float16:
+            x = tl.clamp(x, -65504.0, 65504.0)
+        y = x.to(Out.dtype.element_ty)
         dst = Out + bh.to(tl.int64) * N_PAD * D
         tl.store(dst + rows[:, None] * D + cols[None, :], y, mask=keep)
+
+
+@triton.jit
+def _exp2_fma(x):
+    """``2^x`` for ``x <= 0`` on the FMA and integer pipes instead of the MUFU (whose 16
+    exponentials per clock and SM bound the softmax at D=64): ``x = r + f`` with ``r``
+    rounded by the magic-number add, a cubic for ``2^f``, ``r`` added to the exponent
+    bits. Inputs below -125 give ``2^-125`` (0 once P is rounded to 16 bits)."""
+    x = tl.maximum(x, -125.0)
+    t = x + MAGIC_FLOAT  # float bits of t: MAGIC_INT + round(x)
+    f = x - (t - MAGIC_FLOAT)
+    poly = ((EXP2_C3 * f + EXP2_C2) * f + EXP2_C1) * f + EXP2_C0
+    # MAGIC_INT << 23 overflows to 0, so the shift leaves round(x) << 23.
+    bits = poly.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _exp2_split(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``2^x`` [BLOCK_M, BLOCK_N]: even columns on the MUFU, odd ones by ``_exp2_fma``."""
+    a, b = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_N // 2, 2]))
+    return tl.reshape(tl.join(tl.math.exp2(a), _exp2_fma(b)), [BLOCK_M, BLOCK_N])
+
+
+@triton.jit
+def _exp2_16(x, BF16: tl.constexpr):
+    """``2^x`` with two results per MUFU instruction: ``x`` rounded to a 16-bit float
+    (BF16: ``ex2.approx.ftz.bf16x2``, sm_90; else ``ex2.approx.f16x2``), result in it."""
+    if BF16:
+        y = tl.inline_asm_elementwise(
+            "ex2.approx.ftz.bf16x2 $0, $1;", "=r,r", [x.to(tl.bfloat16)],
+            dtype=tl.bfloat16, is_pure=True, pack=2,
+        )
+    else:
+        y = tl.inline_asm_elementwise(
+            "ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)], dtype=tl.float16,
+            is_pure=True, pack=2,
+        )
+    return y
 
 
 @triton.jit
@@ -100,7 +151,8 @@ def _attn_block(
     Wb, word0,
     MASK: tl.constexpr, PV_FP8: tl.constexpr, USE_PVT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, WORDS: tl.constexpr,
-    BITS_GATHER: tl.constexpr = False,
+    BITS_GATHER: tl.constexpr = False, EXP_SPLIT: tl.constexpr = False,
+    EXP16: tl.constexpr = False, PV_BF16: tl.constexpr = False,
 ):
     """One (query tile, key block) step of the online softmax; scores in log2 units.
 
@@ -108,7 +160,10 @@ def _attn_block(
     2 causal (which also drops them for valid rows), 3 the packed bits of a partial tile
     (``Wb``: int32 ``[BLOCK_M, WORDS]`` of the tile, ``word0``: first word of this block).
     ``x = MAGIC + qk`` is exact; the magic offset, the scale and the running max fold
-    into one FMA per element, ``p = 2^(x*c - (MAGIC*c + m))``.
+    into one FMA per element, ``p = 2^(x*c - (MAGIC*c + m))``. V is read with the column
+    rule on every masked block (it may be the caller's unpadded tensor).
+    EXP_SPLIT: half of the exponentials of a full block on the FMA pipe (``_exp2_split``).
+    EXP16: (16-bit P·V) the exponentials in V's dtype, two per instruction (``_exp2_16``).
     """
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
@@ -141,10 +196,22 @@ def _attn_block(
     shift = m_safe
     if PV_FP8:
         shift = shift - LOG2_FP8_MAX
-    p = tl.math.exp2(x * c - (shift + MAGIC_FLOAT * c)[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    arg = x * c - (shift + MAGIC_FLOAT * c)[:, None]
+    if EXP16 and not PV_FP8:
+        p = _exp2_16(arg, PV_BF16)
+        l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
+    else:
+        if EXP_SPLIT and MASK == 0:
+            p = _exp2_split(arg, BLOCK_M, BLOCK_N)
+        else:
+            p = tl.math.exp2(arg)
+        l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    v = tl.load(Vb + offs_n[:, None] * V_ROW + offs_d[None, :] * V_COL)  # [BLOCK_N, D]
+    v_ptr = Vb + offs_n[:, None] * V_ROW + offs_d[None, :] * V_COL  # [BLOCK_N, D]
+    if MASK == 0:
+        v = tl.load(v_ptr)
+    else:
+        v = tl.load(v_ptr, mask=(offs_n < N_KV)[:, None], other=0.0)
     if USE_PVT:
         # SpargeAttn's PV skip as a zeroed P: a branch around the MMA breaks Triton's
         # WGMMA pipelining (measured 21.5 ms instead of 9.7 ms on the 2b dense shape).
@@ -158,17 +225,18 @@ def _attn_block(
 @triton.jit
 def _attn(
     Q, K, V, Qs, Ks, Vs, Out, FullNum, FullIdx, PartNum, PartIdx, PartOff, Bits, Pvt,
-    sob, soh, son, V_ROW, V_COL,
+    svb, svh, sob, soh, son, V_ROW, V_COL,
     snb, snh, sib, sih, siq,
     HQ, GROUP, N_Q, N_KV, NQ_PAD, NK_PAD, Q_OFF, NQB, NKB, NKT,
     MODE: tl.constexpr,  # 0 dense, 1 causal, 2 tile lists (full, then partial with bits)
     PV_FP8: tl.constexpr, USE_PVT: tl.constexpr, HAS_PARTIAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr,
-    BITS_GATHER: tl.constexpr = False,
+    BITS_GATHER: tl.constexpr = False, EXP_SPLIT: tl.constexpr = False,
+    EXP16: tl.constexpr = False, PV_BF16: tl.constexpr = False,
 ):
-    """One query tile of one (b, h). Q, K: int8 [B, H, N_PAD, D]; V: fp8 [B, Hkv, D, NK_PAD]
-    (PV_FP8) or fp16 [B, Hkv, NK_PAD, D]; Qs [B, HQ, NQB], Ks [B, Hkv, NKB] fp32;
-    Vs [B, Hkv, D] fp32; Out [B, HQ, N_Q, D].
+    """One query tile of one (b, h). Q, K: int8 [B, H, N_PAD, D]; V: fp8
+    [B, Hkv, D, NK_PAD] (PV_FP8) or 16-bit [B, Hkv, >=N_KV, D], strides (svb, svh, V_ROW,
+    V_COL); Qs [B, HQ, NQB], Ks [B, Hkv, NKB] fp32; Vs [B, Hkv, D] fp32; Out [B, HQ, N_Q, D].
 
     MODE 2: FullNum/PartNum [Bm, Hm, Qb] and FullIdx/PartIdx [Bm, Hm, Qb, KVb] are the
     BlockMask's ``full_kv_*`` / ``kv_*`` lists (one set of strides: both come from one
@@ -195,7 +263,7 @@ def _attn(
     c_q = tl.load(Qs + bh.to(tl.int64) * NQB + pid_m)
     Kb = K + bhk * NK_PAD * D
     Ks = Ks + bhk * NKB
-    Vb = V + bhk * D * NK_PAD  # the same element count in both layouts
+    Vb = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
     thr = 0.0
     if USE_PVT:
         thr = tl.load(Pvt + h)
@@ -210,11 +278,13 @@ def _attn(
             acc, l_i, m_i = _attn_block(
                 acc, l_i, m_i, q, c_q, Kb, Vb, Ks, start_n, q_pos, row_ok, N_KV, V_ROW,
                 V_COL, thr, Bits, 0, 0, PV_FP8, USE_PVT, BLOCK_M, BLOCK_N, D, WORDS,
+                False, EXP_SPLIT, EXP16, PV_BF16,
             )
         if n_full < N_KV:  # the ragged last block
             acc, l_i, m_i = _attn_block(
                 acc, l_i, m_i, q, c_q, Kb, Vb, Ks, n_full, q_pos, row_ok, N_KV, V_ROW,
                 V_COL, thr, Bits, 0, 1, PV_FP8, USE_PVT, BLOCK_M, BLOCK_N, D, WORDS,
+                False, False, EXP16, PV_BF16,
             )
     elif MODE == 1:
         # Blocks every row of the tile sees in full, then the diagonal band.
@@ -224,11 +294,13 @@ def _attn(
             acc, l_i, m_i = _attn_block(
                 acc, l_i, m_i, q, c_q, Kb, Vb, Ks, start_n, q_pos, row_ok, N_KV, V_ROW,
                 V_COL, thr, Bits, 0, 0, PV_FP8, USE_PVT, BLOCK_M, BLOCK_N, D, WORDS,
+                False, EXP_SPLIT, EXP16, PV_BF16,
             )
         for start_n in range(lo_diag, hi, BLOCK_N):
             acc, l_i, m_i = _attn_block(
                 acc, l_i, m_i, q, c_q, Kb, Vb, Ks, start_n, q_pos, row_ok, N_KV, V_ROW,
                 V_COL, thr, Bits, 0, 2, PV_FP8, USE_PVT, BLOCK_M, BLOCK_N, D, WORDS,
+                False, False, EXP16, PV_BF16,
             )
     else:
         lst = b.to(tl.int64) * snb + h.to(tl.int64) * snh + pid_m
@@ -244,14 +316,14 @@ def _attn(
                 acc, l_i, m_i = _attn_block(
                     acc, l_i, m_i, q, c_q, Kb, Vb, Ks, tile * TILE_N + s * BLOCK_N, q_pos,
                     row_ok, N_KV, V_ROW, V_COL, thr, Bits, 0, 0, PV_FP8, USE_PVT, BLOCK_M,
-                    BLOCK_N, D, WORDS,
+                    BLOCK_N, D, WORDS, False, EXP_SPLIT, EXP16, PV_BF16,
                 )
         if ragged:
             for s in tl.static_range(TILE_N // BLOCK_N):
                 acc, l_i, m_i = _attn_block(
                     acc, l_i, m_i, q, c_q, Kb, Vb, Ks, last * TILE_N + s * BLOCK_N, q_pos,
                     row_ok, N_KV, V_ROW, V_COL, thr, Bits, 0, 1, PV_FP8, USE_PVT, BLOCK_M,
-                    BLOCK_N, D, WORDS,
+                    BLOCK_N, D, WORDS, False, False, EXP16, PV_BF16,
                 )
         if HAS_PARTIAL:
             # Partial tiles: the token rule from the packed bits (0 past N_KV and N_Q).
@@ -264,7 +336,8 @@ def _attn(
                     acc, l_i, m_i = _attn_block(
                         acc, l_i, m_i, q, c_q, Kb, Vb, Ks, tile * TILE_N + s * BLOCK_N,
                         q_pos, row_ok, N_KV, V_ROW, V_COL, thr, Wb, s * (BLOCK_N // 32), 3,
-                        PV_FP8, USE_PVT, BLOCK_M, BLOCK_N, D, WORDS, BITS_GATHER,
+                        PV_FP8, USE_PVT, BLOCK_M, BLOCK_N, D, WORDS, BITS_GATHER, False,
+                        EXP16, PV_BF16,
                     )
 
     inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)

@@ -19,7 +19,9 @@ rows of the ``Nk x Nk`` attention (query row ``r`` sits at position ``r + Nk - N
    ``l = l * alpha + rowsum(p)``, ``acc = acc * alpha + round(p) @ v_q``.
    ``pv_dtype="fp8"``: ``c = log2(448)`` (P scaled into the e4m3 range), ``p`` rounded to
    e4m3, ``v_q = e4m3(v / s_v)`` with the per-channel ``s_v = max_tokens|v| / 448``;
-   ``pv_dtype="fp16"``: ``c = 0``, ``p`` and ``v`` (clamped to ±65504) rounded to fp16.
+   ``pv_dtype="fp16"`` / ``"bf16"``: ``c = 0``, ``p`` and ``v`` rounded to that 16-bit
+   float (``v`` clamped to ±65504 for fp16). ``"auto"`` is the 16-bit dtype of the
+   inputs, so V is read where it lies, with no copy.
    Accumulation in fp32. Output ``acc / l`` (times ``s_v``), zeros where ``l == 0``.
    A key block whose pairs are all dropped changes nothing (``alpha = 1``, ``p = 0``),
    which is why skipping empty tiles is exact. The kernel walks a query tile's full
@@ -61,12 +63,20 @@ TILE_N = 128
 #: The BlockMask tile sizes the kernel reads (SpargeAttn predicts 128 x 64).
 TILE_SIZES = ((128, 128), (128, 64))
 HEAD_DIMS = (64, 128)
-PV_DTYPES = ("auto", "fp8", "fp16")
+PV_DTYPES = ("auto", "fp8", "fp16", "bf16")
+#: The 16-bit P·V formats, by name.
+PV_TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 #: Above this many bytes of packed partial-tile bits the backend declines the call.
 MAX_BITS_BYTES = 512 << 20
 #: Partial tiles: one word load per score element (True, the first version) or each
 #: row's words once (False). Benchmarks flip it to compare the two in one run.
 BITS_GATHER = False
+#: Half of the exponentials of full blocks on the FMA pipe (``_exp2_split``), per head
+#: dim. Benchmarks flip it to compare (``benchmarks/quant.py --part exp``).
+EXP_SPLIT = {64: False, 128: False}
+#: 16-bit P·V: exponentials in V's 16-bit dtype, two per MUFU instruction (``_exp2_16``;
+#: sm_90 for bf16). Benchmarks flip it to compare.
+EXP16 = False
 
 # -- quantization helpers (PyTorch, any device) --------------------------------------------
 
@@ -270,13 +280,14 @@ def device_reasons(q: Tensor) -> list[str]:
     return out
 
 
-def default_pv_dtype(device) -> str:
-    """The P·V precision ``pv_dtype="auto"`` picks: ``"fp16"``.
+def default_pv_dtype(dtype: torch.dtype) -> str:
+    """The P·V precision ``pv_dtype="auto"`` picks for inputs of ``dtype``: their own
+    16-bit float (``"bf16"`` for bfloat16, else ``"fp16"``), so V needs no copy.
 
     FP8 P carries 3 mantissa bits: on inputs with flat attention (random data) P and V
-    rounding give ~3.6 % relative L2 error, over the 3e-2 budget, so FP8 is opt-in."""
-    del device
-    return "fp16"
+    rounding give ~3.6 % relative L2 error, over the 3e-2 budget, so FP8 is opt-in
+    (e4m3 rounding of P alone is 2.6 %, of V alone another 2.6 %; BENCHMARKS.md)."""
+    return "bf16" if dtype == torch.bfloat16 else "fp16"
 
 
 def _check_inputs(q, k, v, pvthreshd, pv_dtype, block_n, kept, tile_n=TILE_N):
@@ -392,7 +403,7 @@ def quant_reference(
     """
     check_choice("pv_dtype", pv_dtype, PV_DTYPES)
     if pv_dtype == "auto":
-        pv_dtype = default_pv_dtype(q.device)
+        pv_dtype = default_pv_dtype(q.dtype)
     if block_n is None:
         block_n = config(q.shape[-1], pv_dtype, tile_n)[0]
     pvt = _check_inputs(q, k, v, pvthreshd, pv_dtype, block_n, kept, tile_n)
@@ -417,7 +428,9 @@ def quant_reference(
         vq = to_fp8(v.float() * (1.0 / sv)[:, :, None, :])[:, heads]
         c = LOG2_FP8_MAX
     else:
-        vq = v.float().clamp(-65504, 65504).to(torch.float16).float()[:, heads]
+        p16 = PV_TORCH_DTYPES[pv_dtype]
+        vf = v.float().clamp(-65504, 65504) if p16 == torch.float16 else v.float()
+        vq = vf.to(p16).float()[:, heads]
         c = 0.0
     vq = torch.nn.functional.pad(vq, (0, 0, 0, nkb * block_n - nk))
     if allowed is not None:
@@ -450,7 +463,7 @@ def quant_reference(
         alpha = torch.exp2(m - m_safe)
         p = torch.exp2(t - (m_safe - c)[..., None])
         l_sum = l_sum * alpha + p.sum(-1)
-        pq = to_fp8(p) if fp8 else p.to(torch.float16).float()
+        pq = to_fp8(p) if fp8 else p.to(p16).float()
         pv = pq @ vq[:, :, None, lo:hi]
         if thr is not None:
             gap = torch.where(row_ok, m_blk - m_safe, -math.inf).amax(-1)  # [B, Hq, NQB]
@@ -482,8 +495,9 @@ CONFIGS: dict[tuple[int, str, int], tuple[int, int, int]] = {
 
 
 def config(head_dim: int, pv_dtype: str, tile_n: int) -> tuple[int, int, int]:
-    """``(block_n, num_warps, num_stages)`` for a call (``CONFIGS``)."""
-    return CONFIGS.get((head_dim, pv_dtype, tile_n), (64, 4, 3))
+    """``(block_n, num_warps, num_stages)`` for a call (``CONFIGS``; bf16 as fp16)."""
+    key = "fp16" if pv_dtype == "bf16" else pv_dtype
+    return CONFIGS.get((head_dim, key, tile_n), (64, 4, 3))
 
 
 def _list_strides(t: Tensor, dims: int) -> list[int]:
@@ -506,6 +520,8 @@ def quant_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    exp_split: bool | None = None,
+    exp16: bool | None = None,
 ) -> Tensor:
     """Quantized block-sparse attention (Triton; CUDA, or ``TRITON_INTERPRET=1``).
 
@@ -520,18 +536,19 @@ def quant_attention(
         tile_n: columns per tile of ``kept`` (64 or 128; default 128).
         scale: softmax scale (default ``D ** -0.5``).
         pvthreshd: None, a number or ``[Hq]`` values (log2 units; see module docstring).
-        pv_dtype: ``"fp8"`` (sm_89+), ``"fp16"`` or ``"auto"`` (``default_pv_dtype``).
-        block_n, num_warps, num_stages: launch overrides (benchmarks); defaults from
-            ``CONFIGS``.
+        pv_dtype: ``"fp8"`` (sm_89+), ``"fp16"``, ``"bf16"`` or ``"auto"`` (the inputs'
+            16-bit dtype, ``default_pv_dtype``: V is then read in place).
+        block_n, num_warps, num_stages, exp_split, exp16: launch overrides
+            (benchmarks); defaults from ``CONFIGS``, ``EXP_SPLIT`` and ``EXP16``.
 
     Returns:
         ``[B, Hq, Nq, D]`` in the dtype of ``q``; rows with no kept key are zeros.
     """
     from . import _triton_quant as K
 
-    if pv_dtype == "auto":
-        pv_dtype = default_pv_dtype(q.device)
     check_choice("pv_dtype", pv_dtype, PV_DTYPES)
+    if pv_dtype == "auto":
+        pv_dtype = default_pv_dtype(q.dtype)
     if block_mask is not None and kept is not None:
         raise ValueError("pass block_mask or kept, not both")
     lists = None
@@ -574,30 +591,35 @@ def quant_attention(
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     qi = torch.empty(bsz, hq, nq_pad, d, dtype=torch.int8, device=dev)
     qs = torch.empty(bsz, hq, nqb, dtype=torch.float32, device=dev)
-    ki = torch.empty(bsz, hkv, nk_pad, d, dtype=torch.int8, device=dev)
-    ks = torch.empty(bsz, hkv, nkb, dtype=torch.float32, device=dev)
-    mean = k_mean(k).contiguous()
     K._quant_rows[(nqb, bsz * hq)](
         q, q, qi, qs, q.stride(0), q.stride(1), q.stride(2), hq, nq, nq_pad, nqb,
         scale * LOG2E, HAS_MEAN=False, BLOCK=BLOCK_M, D=d, num_warps=4,
     )
+    ki = torch.empty(bsz, hkv, nk_pad, d, dtype=torch.int8, device=dev)
+    ks = torch.empty(bsz, hkv, nkb, dtype=torch.float32, device=dev)
+    mean = k_mean(k).contiguous()
     K._quant_rows[(nkb, bsz * hkv)](
         k, mean, ki, ks, k.stride(0), k.stride(1), k.stride(2), hkv, nk, nk_pad, nkb,
         1.0, HAS_MEAN=True, BLOCK=block_n, D=d, num_warps=4,
     )
+    sv = ks  # read only with fp8 P·V
     if fp8:
         sv = v_channel_scale(v).contiguous()
         inv = (1.0 / sv).contiguous()
         vq = torch.empty(bsz, hkv, d, nk_pad, dtype=torch.float8_e4m3fn, device=dev)
-        v_row, v_col = 1, nk_pad
+        v_strides = (vq.stride(0), vq.stride(1), 1, nk_pad)
+    elif v.dtype == PV_TORCH_DTYPES[pv_dtype]:
+        vq, inv = v, ks  # read in place
+        v_strides = (v.stride(0), v.stride(1), v.stride(2), 1)
     else:
-        sv = inv = qs  # unused
-        vq = torch.empty(bsz, hkv, nk_pad, d, dtype=torch.float16, device=dev)
-        v_row, v_col = d, 1
-    K._quant_v[(nk_pad // 64, bsz * hkv)](
-        v, inv, vq, v.stride(0), v.stride(1), v.stride(2),
-        hkv, nk, nk_pad, OUT_FP8=fp8, BLOCK=64, D=d, num_warps=4,
-    )
+        vq = torch.empty(bsz, hkv, nk_pad, d, dtype=PV_TORCH_DTYPES[pv_dtype], device=dev)
+        inv = ks  # unused
+        v_strides = (vq.stride(0), vq.stride(1), d, 1)
+    if vq is not v:
+        K._quant_v[(nk_pad // 64, bsz * hkv)](
+            v, inv, vq, v.stride(0), v.stride(1), v.stride(2),
+            hkv, nk, nk_pad, OUT_FP8=fp8, BLOCK=64, D=d, num_warps=4,
+        )
 
     if lists is not None:
         mode = 2
@@ -617,18 +639,21 @@ def quant_attention(
     else:
         mode = 1 if causal else 0
         snb = snh = sib = sih = siq = 0
-        tl_args = (qs,) * 5 + (torch.zeros(1, dtype=torch.int32, device=dev),)  # unused
-    pvt_dev = qs if pvt is None else pvt.to(dev)
+        tl_args = (ks,) * 5 + (torch.zeros(1, dtype=torch.int32, device=dev),)  # unused
+    pvt_dev = ks if pvt is None else pvt.to(dev)
 
     out = torch.empty(bsz, hq, nq, d, dtype=q.dtype, device=dev)
     K._attn[(nqb, bsz * hq)](
         qi, ki, vq, qs, ks, sv, out, *tl_args, pvt_dev,
-        out.stride(0), out.stride(1), out.stride(2), v_row, v_col,
+        v_strides[0], v_strides[1],
+        out.stride(0), out.stride(1), out.stride(2), v_strides[2], v_strides[3],
         snb, snh, sib, sih, siq,
         hq, hq // hkv, nq, nk, nq_pad, nk_pad, nk - nq, nqb, nkb, nkt,
         MODE=mode, PV_FP8=fp8, USE_PVT=pvt is not None,
         HAS_PARTIAL=lists is not None and lists.n_partial > 0,
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, TILE_N=tile_n, D=d, BITS_GATHER=BITS_GATHER,
+        EXP_SPLIT=EXP_SPLIT.get(d, False) if exp_split is None else exp_split,
+        EXP16=EXP16 if exp16 is None else exp16, PV_BF16=vq.dtype == torch.bfloat16,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
