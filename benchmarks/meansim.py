@@ -1,6 +1,8 @@
 """meansim on CogVideoX-2b shapes: predictor cost and meansim + FlexAttention vs dense.
 
     python benchmarks/meansim.py [--quick] [--params PATH]
+    python benchmarks/meansim.py --profile     # where the predictor and auto spend time
+    python benchmarks/meansim.py --auto        # auto / flex / quant vs cuDNN per threshold
 
 Shapes: B=2, H=30, N=17,776 (13 frames x 1350 patches + 226 text tokens), D=64, bf16.
 Inputs are structured, video-like: per head, q and k are smooth low-frequency fields over
@@ -36,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import time_ms  # noqa: E402
+from common import time_ms, write_table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PARAMS_NAME = "spargeattn_cogvideox-2b_l1-0.06_pv-0.07.pt"
@@ -92,10 +94,18 @@ def main() -> int:
     parser.add_argument("--params", help=f"SpargeAttn parameter file ({PARAMS_NAME})")
     parser.add_argument("--predictor-only", action="store_true",
                         help="dense and the predictor rows only (no meansim + flex layers)")
+    parser.add_argument("--profile", action="store_true",
+                        help="torch.profiler + host time per stage of the predictor and auto")
+    parser.add_argument("--auto", action="store_true",
+                        help="cuDNN / predictor / auto / flex / quant per meansim threshold")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("meansim benchmark: CUDA is required", file=sys.stderr)
         return 1
+    if args.profile:
+        return profile_main()
+    if args.auto:
+        return auto_main(args.quick)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import flexsparse as fs
@@ -252,6 +262,251 @@ def main() -> int:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         with open(Path(out_dir) / "meansim.json", "w") as f:
             json.dump(dict(meta=meta, rows=rows, notes=notes), f, indent=2)
+    return 0
+
+
+# -- --profile and --auto ---------------------------------------------------------------------
+
+CASES = ((0.6, 0.98), (0.3, 0.9))
+#: cdfthreshd values (simthreshd1 0.3) of the profile's sweep
+CDF_GRID = (0.9, 0.93, 0.95, 0.96, 0.97, 0.98, 0.985, 0.99, 0.995)
+#: (simthreshd1, cdfthreshd) searched for the map that skips about 35 % of tiles (at 0.3
+#: every cdfthreshd above skips 44-49 % on these inputs, H100 profile run)
+SKIP_GRID = tuple((s, c) for s in (0.35, 0.4, 0.45, 0.5, 0.55) for c in (0.9, 0.95, 0.98))
+
+
+def _cudnn(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def _rel_l1(out, q, k, v, rows=256) -> float:
+    """Relative L1 of ``out`` against dense fp32 attention on ``rows`` query rows of batch 0
+    (what a meansim map approximates)."""
+    idx = torch.linspace(0, q.shape[2] - 1, rows, device=q.device).long()
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q[:1, :, idx].float(), k[:1].float(), v[:1].float())
+    diff = out[:1, :, idx].float() - ref
+    return float(diff.abs().sum() / ref.abs().sum())
+
+
+def _host_stages(q, k, v, mask) -> dict:
+    """Host wall time (GPU synchronised around each) of the stages of one auto call."""
+    fa = __import__("importlib").import_module("flexsparse.attention")
+
+    def wall(fn):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        return out, (time.perf_counter() - t0) * 1e3
+
+    out = {}
+    if hasattr(fa, "_bind_counted"):  # this version: the map counted, then one walk
+        (bound, census), out["bind + count"] = wall(lambda: fa._bind_counted(mask, q, k))
+        gqa, scale = False, q.shape[-1] ** -0.5
+        call = fa.AttentionCall(q, k, v, bound, scale, gqa, None, None, (), census)
+        (chosen, _), out["walk (census known)"] = wall(lambda: fa._walk(call))
+    else:  # before: bind, walk on the sparse call, tile states + sync, walk again
+        bound, out["bind"] = wall(lambda: fa._check_mask(mask, q, k))
+        call = fa.AttentionCall(q, k, v, bound, q.shape[-1] ** -0.5, False)
+        (chosen, _), out["walk (sparse call)"] = wall(lambda: fa._walk(call))
+        _, out["_kept_fraction"] = wall(
+            lambda: fa._kept_fraction(bound, q.shape[2], k.shape[2], q.device))
+    _, out["whole auto call"] = wall(lambda: fs_attention(q, k, v, mask))
+    return out
+
+
+def fs_attention(q, k, v, mask, backend="auto"):
+    import flexsparse as fs
+
+    return fs.attention(q, k, v, mask=mask, backend=backend)
+
+
+def _profile_table(fn, label: str, out_dir: str | None, rows: int = 12) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    key = "self_device_time_total"
+    if not hasattr(events[0], key):  # older torch
+        key = "self_cuda_time_total"
+    cuda = sorted((e for e in events if getattr(e, key) > 0), key=lambda e: -getattr(e, key))
+    total = sum(getattr(e, key) for e in cuda) / 5
+    lines = [f"#### {label}: GPU time per call {total:.1f} us (sum of kernels, 5 calls)",
+             "| kernel | us per call | calls per call |", "|---|---:|---:|"]
+    for e in cuda[:rows]:
+        lines.append(f"| {e.key[:70]} | {getattr(e, key) / 5:.1f} | {e.count / 5:g} |")
+    text = "\n".join(lines)
+    if out_dir:
+        slug = "".join(c if c.isalnum() else "_" for c in label)[:50]
+        with open(Path(out_dir) / f"prof_{slug}.txt", "a") as f:
+            f.write(text + "\n\n" + events.table(sort_by=key, row_limit=40) + "\n")
+    return text
+
+
+def profile_main() -> int:
+    """Before / after profile: run once with the tree's package and once with another
+    (PYTHONPATH) to compare."""
+    import flexsparse as fs
+
+    device = torch.device("cuda")
+    out_dir = os.environ.get("OUT")
+    q, k, v = video_like(0, device)
+    print(f"flexsparse from {os.path.dirname(fs.__file__)}; {torch.cuda.get_device_name()}")
+    dense_ms = time_ms(lambda: _cudnn(q, k, v), warmup=3, reps=20)
+    print(f"cuDNN dense {dense_ms:.3f} ms")
+    for sim, cdf in CASES:
+        mask = fs.masks.meansim(sim, cdfthreshd=cdf)
+        for _ in range(3):
+            fs_attention(q, k, v, mask)
+        pred = time_ms(lambda m=mask: m.predict(q, k), warmup=3, reps=30)
+        bind = time_ms(lambda m=mask: m.bind(q, k), warmup=3, reps=30)
+        auto = time_ms(lambda m=mask: fs_attention(q, k, v, m), warmup=3, reps=20)
+        choice = fs.explain(q, k, v, mask)
+        skipped = 1 - mask.predict(q, k).float().mean().item()
+        print(f"\n### meansim {sim}/{cdf}: skipped {skipped:.3f}, predict {pred:.3f} ms, "
+              f"bind {bind:.3f} ms, auto {auto:.3f} ms = {dense_ms / auto:.3f}x cuDNN "
+              f"(picked {choice.backend}{'; dropped' if choice.notes else ''})")
+        stages = {s: round(t, 3) for s, t in _host_stages(q, k, v, mask).items()}
+        print(f"host ms per stage (GPU synchronised around each): {stages}")
+        print(_profile_table(lambda m=mask: m.predict(q, k), f"predict {sim}/{cdf}", out_dir, 8))
+        print(_profile_table(lambda m=mask: fs_attention(q, k, v, m), f"auto {sim}/{cdf}",
+                             out_dir, 8))
+    if not hasattr(__import__("importlib").import_module("flexsparse.attention"),
+                   "_bind_counted"):
+        return 0  # a version before this one: its default predictor was timed above
+    # predictor variants, their maps against eager PyTorch, and the ~35 % threshold
+    variants = {"default": {}, "compiled (GRAPH=0)": {"FLEXSPARSE_MEANSIM_GRAPH": "0"},
+                "Triton opt-in": {"FLEXSPARSE_MEANSIM_TRITON": "1"},
+                "eager": {"FLEXSPARSE_COMPILE": "0"}}
+    params = find_params(None)
+    probes = {"0.6/0.98": fs.masks.meansim(0.6, cdfthreshd=0.98)}
+    if params is not None and params.is_file():
+        from flexsparse import tune
+
+        lm = tune.load_params(params).layer_mask(0)
+        if lm is not None:
+            probes["params layer 0"] = lm
+    for name, probe in probes.items():
+        maps = {}
+        for label, env in variants.items():
+            old = {key: os.environ.get(key) for key in env}
+            os.environ.update(env)
+            try:
+                ms = time_ms(lambda p=probe: p.predict(q, k), warmup=3, reps=30)
+                maps[label] = probe.predict(q, k)
+            finally:
+                for key, val in old.items():
+                    if val is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = val
+            print(f"predictor {name} [{label}]: {ms:.3f} ms = {ms / dense_ms:.1%} of cuDNN")
+        for label, m in maps.items():
+            print(f"  {label} vs eager: {(m != maps['eager']).sum().item()} of {m.numel()} "
+                  "tiles differ")
+    for cdf in CDF_GRID:
+        skipped = 1 - fs.masks.meansim(0.3, cdfthreshd=cdf).predict(q, k).float().mean()
+        print(f"meansim 0.3/{cdf}: skipped {skipped.item():.3f}")
+    return 0
+
+
+def _stats_sweep(q, k) -> None:
+    """The statistics kernel on q (128-token blocks) and k (64) per tokens per program and
+    pipeline depth (``meansim_fast.STATS_ROWS`` / ``STATS_STAGES``)."""
+    from flexsparse.kernels import meansim_fast as mf
+
+    b, h, n, d = q.shape
+    keep = (mf.STATS_ROWS, mf.STATS_STAGES)
+    bufs = {blk: (torch.empty(b, h, -(-n // blk), d, device=q.device),
+                  torch.empty(b, h, -(-n // blk), device=q.device)) for blk in (128, 64)}
+    try:
+        for rows, stages in ((64, 1), (256, 1), (256, 2), (512, 2), (512, 3)):
+            mf.STATS_ROWS, mf.STATS_STAGES = rows, stages
+            ms = time_ms(lambda: (mf.block_stats_into(q, 128, 0, *bufs[128]),
+                                  mf.block_stats_into(k, 64, 0, *bufs[64])), warmup=3, reps=30)
+            gbs = 2 * q.numel() * q.element_size() / ms / 1e6
+            print(f"stats kernel, {rows} tokens/program, {stages} stages: q+k {ms * 1e3:.1f} us "
+                  f"({gbs:.0f} GB/s)", flush=True)
+    finally:
+        mf.STATS_ROWS, mf.STATS_STAGES = keep
+
+
+def auto_main(quick: bool) -> int:
+    """cuDNN dense, the predictor alone, auto, flex and quant per meansim threshold (the
+    pair of ``SKIP_GRID`` nearest 35 % skipped added), one table; the default predictor's
+    maps against the eager PyTorch path's."""
+    import flexsparse as fs
+
+    device = torch.device("cuda")
+    reps = 20 if quick else 40
+    q, k, v = video_like(0, device)
+    _stats_sweep(q, k)
+    dense_ms = time_ms(lambda: _cudnn(q, k, v), warmup=3, reps=reps)
+    dense_out = _cudnn(q, k, v)
+    skips = {sc: 1 - fs.masks.meansim(sc[0], cdfthreshd=sc[1]).predict(q, k).float().mean()
+             .item() for sc in SKIP_GRID}
+    near = min(skips, key=lambda sc: abs(skips[sc] - 0.35))
+    cases = [*CASES, near]
+    rows = []
+    for sim, cdf in cases:
+        mask = fs.masks.meansim(sim, cdfthreshd=cdf)
+        name = f"meansim {sim}/{cdf}"
+        skipped = 1 - mask.predict(q, k).float().mean().item()
+
+        def add(kernel, ms, out, note="", name=name, skipped=skipped):
+            rows.append({"case": name, "kernel": kernel, "ms": ms, "x cuDNN": dense_ms / ms,
+                         "tiles skipped": skipped if kernel != "cuDNN dense" else 0.0,
+                         "rel L1 vs dense": None if out is None else _rel_l1(out, q, k, v),
+                         "note": note})
+            print(rows[-1], flush=True)
+
+        add("cuDNN dense", time_ms(lambda: _cudnn(q, k, v), warmup=3, reps=reps), dense_out,
+            "peer, same run")
+        add("predictor (bind)", time_ms(lambda m=mask: m.bind(q, k), warmup=3, reps=reps),
+            None, "predict + bound mask, alone")
+        choice = fs.explain(q, k, v, mask)
+        note = f"picked {choice.backend}" + ("; prediction dropped" if choice.notes else "")
+        for backend in ("auto", "flex", "quant"):
+            try:
+                if backend != "auto":
+                    fs.explain(q, k, v, mask, backend=backend)
+                ms = time_ms(lambda b=backend, m=mask: fs_attention(q, k, v, m, b), warmup=3,
+                             reps=reps)
+                add(backend, ms, fs_attention(q, k, v, mask, backend),
+                    note if backend == "auto" else "predictor included")
+            except Exception as exc:  # report and go on
+                rows.append({"case": name, "kernel": backend,
+                             "note": f"n/a: {type(exc).__name__}: {str(exc)[:80]}"})
+    diffs = []
+    for sim, cdf in cases:
+        mask = fs.masks.meansim(sim, cdfthreshd=cdf)
+        got = mask.predict(q, k)
+        os.environ["FLEXSPARSE_COMPILE"] = "0"
+        try:
+            want = mask.predict(q, k)
+        finally:
+            del os.environ["FLEXSPARSE_COMPILE"]
+        diffs.append(f"{sim}/{cdf}: {(got != want).sum().item()} of {got.numel()}")
+    notes = [
+        "default predictor vs eager PyTorch path, tiles that differ: " + ", ".join(diffs),
+        f"q/k/v: benchmarks/meansim.py video_like(0), B={B} H={H} N={q.shape[2]} D={D} bf16",
+        "every row but cuDNN includes the predictor (auto, flex, quant: predict + bind + "
+        "BlockMask + kernel); time = median of CUDA-event-timed calls after warm-up",
+        "rel L1: 256 sampled query rows of batch 0, all heads, vs dense fp32 attention",
+        "tiles skipped per (simthreshd1, cdfthreshd): "
+        + ", ".join(f"{a}/{c}: {s:.3f}" for (a, c), s in skips.items()),
+    ]
+    write_table(None, rows, ["case", "kernel", "ms", "x cuDNN", "tiles skipped",
+                             "rel L1 vs dense", "note"], "meansim auto vs cuDNN", notes)
     return 0
 
 

@@ -4,7 +4,7 @@ and the legacy kernel (``flexsparse.kernels._legacy``, the kernel of 2026-11-24)
     python benchmarks/quant.py --part dense    # TOPS at D=64 / 128, launch-config sweep
     python benchmarks/quant.py --part sparse   # radial (block and token), meansim, accuracy
     python benchmarks/quant.py --part partial  # partial-tile bits: old vs new, crossover
-    python benchmarks/quant.py --part kernel   # exp split and V in place vs cuDNN, legacy
+    python benchmarks/quant.py --part kernel   # configs, V in place, radial tile shapes
 
 Effective TOPS = 4 * B * H * Nq * Nk * D * density / time. Writes ``$OUT/quant_<part>.json``
 and ``.md`` when ``OUT`` is set.
@@ -113,9 +113,10 @@ KERNEL_SWEEP = [(128, 4, 3), (64, 4, 3), (128, 8, 3), (64, 8, 3)]
 
 
 def kernel_part(gen) -> list[dict]:
-    """The kernel variants of one run: half of the exponentials on the FMA pipe
-    (``exp_split``) or all on the MUFU, V read in place (``bf16``, the inputs' dtype) or
-    converted (``fp16``), against cuDNN and the legacy kernel; dense and radial maps."""
+    """This kernel's launch configurations with V read in place (``bf16``, the inputs'
+    dtype, the default) and converted (``fp16``), against cuDNN and the legacy kernel on
+    dense shapes; accuracy on random and structured inputs; radial maps at both tile
+    shapes."""
     rows = []
     for name, (b, h, n, d) in DENSE.items():
         q, k, v = (torch.randn(b, h, n, d, device="cuda", generator=gen, dtype=torch.bfloat16)
@@ -127,22 +128,18 @@ def kernel_part(gen) -> list[dict]:
         ms = ms_of(functools.partial(legacy_quant_attention, q, k, v, pv_dtype="fp16"))
         rows.append(dict(table="dense", shape=name, impl="legacy fp16", ms=ms,
                          tops=ops / ms / 1e9, vs_cudnn=base / ms))
-        dflt = (None, None, None)
-        variants = [("bf16", False, False, c) for c in KERNEL_SWEEP] + [
-            ("bf16", False, True, c) for c in KERNEL_SWEEP] + [
-            ("bf16", True, False, dflt), ("fp16", False, False, dflt), ("fp16", False, True, dflt)]
-        for pv, split, e16, (bn, nw, ns) in variants:
-            fn = functools.partial(quant_attention, q, k, v, pv_dtype=pv, exp_split=split,
-                                   exp16=e16, block_n=bn, num_warps=nw, num_stages=ns)
+        variants = [("bf16", c) for c in KERNEL_SWEEP] + [("fp16", (None, None, None))]
+        for pv, (bn, nw, ns) in variants:
+            fn = functools.partial(quant_attention, q, k, v, pv_dtype=pv, block_n=bn,
+                                   num_warps=nw, num_stages=ns)
             try:
                 ms = ms_of(fn)
             except Exception as exc:  # noqa: BLE001 - a config may not fit
-                print(f"{name} {pv} {split} bn{bn} w{nw} s{ns}: {str(exc)[:160]}")
+                print(f"{name} {pv} bn{bn} w{nw} s{ns}: {str(exc)[:160]}")
                 continue
             cfg = "default" if bn is None else f"bn{bn} w{nw} s{ns}"
-            what = "exp16" if e16 else ("split" if split else "mufu")
-            rows.append(dict(table="dense", shape=name, impl=f"new {pv} {what} {cfg}",
-                             ms=ms, tops=ops / ms / 1e9, vs_cudnn=base / ms))
+            rows.append(dict(table="dense", shape=name, impl=f"new {pv} {cfg}", ms=ms,
+                             tops=ops / ms / 1e9, vs_cudnn=base / ms))
             print(rows[-1], flush=True)
         del q, k, v
         torch.cuda.empty_cache()
@@ -154,13 +151,9 @@ def kernel_part(gen) -> list[dict]:
                                            dtype=dt) for _ in range(3))
                 else:
                     q, k, v = (structured(1, 2, 17776, d, gen).to(dt) for _ in range(3))
-                ref = fp32_ref(q, k, v, None)
-                for e16 in (False, True):
-                    err, cos = rel(quant_attention(q, k, v, exp16=e16), ref)
-                    rows.append(dict(table="accuracy", case=f"{kind} D{d} {dt}",
-                                     impl=f"exp16={e16}", rel_l2=err, cosine=cos,
-                                     ok=err <= 3e-2 and cos >= 0.999))
-                    print(rows[-1], flush=True)
+                err, cos = rel(quant_attention(q, k, v), fp32_ref(q, k, v, None))
+                rows.append(dict(table="accuracy", case=f"{kind} D{d} {dt}", impl="auto",
+                                 rel_l2=err, cosine=cos, ok=err <= 3e-2 and cos >= 0.999))
     for name, (model, f, hgt, wid, decay, b, h, d) in RADIAL.items():
         lay = fs.VideoLayout.from_video(f, hgt, wid, model)
         n = lay.frames * lay.tokens_per_frame + lay.text_tokens
@@ -173,12 +166,9 @@ def kernel_part(gen) -> list[dict]:
         for tile in ((128, 128), (128, 64)):
             bm = mask.block_mask(n, n, device="cuda", block_size=tile, noop=True)
             tile_lists(bm)
-            for e16 in (False, True):
-                fn = functools.partial(quant_attention, q, k, v, block_mask=bm, exp16=e16)
-                ms = ms_of(fn)
-                rows.append(dict(table="radial", case=name,
-                                 impl=f"new auto {tile[0]}x{tile[1]} exp16={e16}", ms=ms,
-                                 vs_cudnn=base / ms))
+            ms = ms_of(functools.partial(quant_attention, q, k, v, block_mask=bm))
+            rows.append(dict(table="radial", case=name, impl=f"new auto {tile[0]}x{tile[1]}",
+                             ms=ms, vs_cudnn=base / ms))
         del q, k, v
         torch.cuda.empty_cache()
     return rows

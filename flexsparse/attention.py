@@ -29,8 +29,9 @@ from torch import Tensor
 from . import backends as _b
 from ._checks import block_pair, check_choice, check_float
 from .backends import DECODE_ROWS, FlexBackend, SdpaBackend
-from .call import AttentionCall
+from .call import AttentionCall, TileCounts
 from .mask import DynamicMask, Mask, _ComposedDynamic
+from .tiles import FULL, PARTIAL
 
 log = logging.getLogger("flexsparse")
 
@@ -55,8 +56,10 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #:   traded for speed: dropped only when it keeps every tile.
 #:
 #: The thresholds sit just below the break-even points, since dropping a prediction is
-#: also the more accurate answer. The predictor's own time (0.9-1.1 ms here, 8-10 % of
-#: cuDNN) is spent before this decision; it counts in the benchmark's comparisons.
+#: also the more accurate answer. The predictor's own time (0.43-0.47 ms with the CUDA-graph
+#: predictor, 3.8-4.1 % of cuDNN, H100, benchmarks/results/meansim_auto.md) is spent before
+#: this decision, which is taken from the predicted map (one count, one host read) before
+#: any BlockMask is built; it counts in the benchmark's comparisons.
 DENSE_CROSSOVER = {"flex": 0.8, "quant": 0.9, "sdpa": 1.0}
 
 
@@ -273,10 +276,34 @@ def _without_prediction(dyn: DynamicMask, rest: Mask | None) -> Mask | None:
     return rest & base
 
 
-def _kept_fraction(mask: Mask, q_len: int, kv_len: int, device) -> float:
-    size = mask.native_block_size or _b.DEFAULT_BLOCK
+def _census(mask: Mask, q_len: int, kv_len: int, device) -> tuple[tuple[int, int], TileCounts]:
+    """``(tile size, TileCounts)`` of a bound prediction at its own tile size from its tile
+    states (no ``BlockMask``): one reduction, one host read."""
+    size = tuple(mask.native_block_size or _b.DEFAULT_BLOCK)
     states = mask.tile_states(q_len, kv_len, size, device=device)
-    return float((states != 0).float().mean())
+    partial, full = (int(c) for c in torch.stack(
+        [(states == PARTIAL).sum(), (states == FULL).sum()]).tolist())
+    return size, TileCounts(states.numel() - partial - full, partial, full)
+
+
+def _bind_counted(dyn: DynamicMask, q: Tensor, k: Tensor):
+    """``(bound mask, (tile size, TileCounts))`` of a predictor for this call.
+
+    A predictor that hands over its tile map (``bind_tiles``: meansim) is counted on the
+    map itself, one reduction and one host read: the map is whole tiles at the bound mask's
+    tile size, so it has no partial tiles and its kept tiles are the BlockMask's full ones
+    (when the query rows start on a tile boundary; else the tile states are counted)."""
+    bind_tiles = getattr(dyn, "bind_tiles", None)
+    if bind_tiles is None:
+        bound = _check_mask(dyn, q, k)
+        return bound, _census(bound, q.shape[2], k.shape[2], q.device)
+    bound, tiles = bind_tiles(q, k)
+    bound = _check_mask(bound, q, k)
+    size = bound.native_block_size
+    if size is None or (k.shape[2] - q.shape[2]) % size[0]:
+        return bound, _census(bound, q.shape[2], k.shape[2], q.device)
+    kept = int(tiles.sum())
+    return bound, (tuple(size), TileCounts(tiles.numel() - kept, 0, kept))
 
 
 def _prepare(q, k, v, mask, scale, backend, enable_gqa, block_size, compile, every=False):
@@ -286,8 +313,10 @@ def _prepare(q, k, v, mask, scale, backend, enable_gqa, block_size, compile, eve
     scale = _check_scale(scale, q.shape[3])
     block = _check_options(block_size, compile)
 
-    def make(m, notes=()):
-        return AttentionCall(q, k, v, _check_mask(m, q, k), scale, gqa, block, compile, notes)
+    def make(m, notes=(), census=None):
+        return AttentionCall(
+            q, k, v, _check_mask(m, q, k), scale, gqa, block, compile, notes, census
+        )
 
     if backend != "auto":
         call = make(mask)
@@ -296,14 +325,19 @@ def _prepare(q, k, v, mask, scale, backend, enable_gqa, block_size, compile, eve
     if dyn is None or not getattr(dyn, "approximates_dense", False):
         call = make(mask)
         return (*_walk(call, every), call)
-    # Data-dependent map: decide after prediction whether skipping its tiles pays.
-    bound = _check_mask(dyn, q, k)
-    call = make(bound if rest is None else bound & rest)
-    chosen, choice = _walk(call, every)
-    kept = _kept_fraction(bound, call.q_len, call.kv_len, call.device)
+    # Data-dependent map: whether skipping its tiles pays is decided from the counted map
+    # before any BlockMask is built; the walk on the prediction alone reads the census
+    # (the crossover is that of the backend that would run the prediction).
+    bound, census = _bind_counted(dyn, q, k)
+    probe = make(bound, census=census)
+    chosen, choice = _walk(probe, every and rest is None)
+    kept = census[1].kept_fraction
     limit = DENSE_CROSSOVER.get(chosen.name, 1.0)
     if kept < limit:
-        return chosen, choice, call
+        if rest is None:
+            return chosen, choice, probe
+        call = make(bound & rest)
+        return (*_walk(call, every), call)
     note = (
         f"the predicted map keeps {kept:.1%} of its tiles (>= {limit:.0%}, {chosen.name}'s "
         "crossover against the dense kernel): prediction dropped"

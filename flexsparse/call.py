@@ -40,6 +40,10 @@ class AttentionCall:
         compile: compile FlexAttention (None: on CUDA only).
         notes: what lowering decided on the way (e.g. a predicted map dropped for the
             dense kernel); ``explain`` shows them.
+        census: ``(block_size, TileCounts)``: the mask's tile census at that tile size,
+            already known from lowering (a predicted map counted where it was predicted),
+            so that ``tile_counts`` at that size builds no ``BlockMask`` and reads nothing
+            from the device.
     """
 
     q: Tensor
@@ -51,6 +55,7 @@ class AttentionCall:
     block_size: tuple[int, int] | None = None
     compile: bool | None = None
     notes: tuple[str, ...] = ()
+    census: tuple[tuple[int, int], TileCounts] | None = None
 
     @property
     def q_len(self) -> int:
@@ -86,10 +91,12 @@ class AttentionCall:
             block_size=block_size, noop=noop,
         )
 
-
     def tile_counts(self, block_size: tuple[int, int]) -> TileCounts:
         """Empty / partial / full tiles of ``block_mask(block_size)``, summed over the
-        mask's heads and batch (computed once per BlockMask: one host sync)."""
+        mask's heads and batch (the call's ``census`` at its tile size, else computed
+        once per BlockMask: one host sync)."""
+        if self.census is not None and self.census[0] == tuple(block_size):
+            return self.census[1]
         bm = self.block_mask(block_size)
         hit = _COUNTS.get(bm)
         if hit is None:

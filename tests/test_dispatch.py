@@ -330,3 +330,73 @@ def test_distinct_makes_views_not_copies():
     a, b, c = backends.distinct(q, q, q)
     assert a is q and b is not q and c is not q and c is not b
     assert b.data_ptr() == c.data_ptr() == q.data_ptr()
+
+
+# -- a predicted map is counted once, before any BlockMask -----------------------------------
+
+
+def count_block_masks(monkeypatch) -> list:
+    built = []
+    real = fs.Mask.block_mask
+
+    def spy(self, *args, **kwargs):
+        built.append(self.name)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(fs.Mask, "block_mask", spy)
+    return built
+
+
+@pytest.mark.parametrize("predictor", ["fixed", "meansim"])
+def test_dropped_prediction_builds_no_block_mask(monkeypatch, predictor):
+    n = 128
+    q, k, v = qkv(n=n)
+    if predictor == "fixed":  # no tile map handed over: its tile states are counted
+        dyn = FixedTiles(tile_map(n, (32, 16), 0.9), (32, 16))
+        kept = float(dyn.kept.float().mean())
+        monkeypatch.setitem(fa.DENSE_CROSSOVER, "sdpa", 0.85)
+    else:  # simthreshd1 >= 1: every tile kept, counted on the map itself
+        dyn, kept = masks.meansim(1.5, cdfthreshd=1.0, block_q=32, block_kv=16), 1.0
+    built = count_block_masks(monkeypatch)
+    choice = fs.explain(q, k, v, dyn)
+    out = fs.attention(q, k, v, dyn)
+    assert built == []
+    assert choice.sdpa_mode == "none" and f"keeps {kept:.1%}" in choice.notes[0]
+    assert all(why == () for _, why in choice.reasons[:1])  # sdpa picked, nothing against it
+    torch.testing.assert_close(out.double(), dense_reference(q, k, v), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("q_len, n", [(96, 96), (64, 96), (40, 96), (70, 100)])
+def test_census_of_a_predicted_map_equals_its_block_masks(q_len, n):
+    """The census ``attention`` counts on the predicted map (or its tile states, for query
+    rows off a tile boundary) is the BlockMask's census at the same tile size."""
+    from flexsparse.call import _count_tiles
+
+    torch.manual_seed(3)
+    base = torch.randn(1, 2, 1, 16)
+    k = base + torch.randn(2, 2, n, 16)
+    q = (base + torch.randn(2, 2, n, 16))[:, :, -q_len:]
+    dyn = masks.meansim(torch.tensor([-0.2, 0.1]), cdfthreshd=0.4, block_q=32, block_kv=16)
+    bound, (size, counts) = fa._bind_counted(dyn, q, k)
+    assert size == (32, 16)
+    bm = bound.block_mask(q_len, n, heads=bound.heads, batch=bound.batch, block_size=size)
+    assert counts == _count_tiles(bm)
+    assert 0 < counts.full < counts.total
+    if (n - q_len) % 32 == 0:
+        assert counts.partial == 0
+
+
+def test_kept_prediction_runs_the_counted_call(monkeypatch):
+    n = 128
+    q, k, v = qkv(n=n)
+    monkeypatch.setitem(fa.DENSE_CROSSOVER, "sdpa", 0.85)
+    dyn = masks.meansim(0.0, cdfthreshd=0.5, block_q=32, block_kv=16)
+    bound, (_, counts) = fa._bind_counted(dyn, q, k)
+    assert counts.kept_fraction < 0.85
+    built = count_block_masks(monkeypatch)
+    choice = fs.explain(q, k, v, dyn)
+    assert choice.notes == () and built == []  # the CPU rows path needs no BlockMask
+    out = fs.attention(q, k, v, dyn)
+    dense = bound.to_dense(n)[None] if bound.to_dense(n).dim() == 2 else bound.to_dense(n)
+    torch.testing.assert_close(out.double(), dense_reference(q, k, v, dense), atol=1e-5,
+                               rtol=0)

@@ -460,3 +460,17 @@ def test_seen_shapes_are_bounded(monkeypatch):
     assert len(mod._seen) == mod._SEEN_LIMIT
     assert ("decode", 0) not in mod._seen and ("decode", 3 * mod._SEEN_LIMIT - 1) in mod._seen
     assert mod._want_compile(q, k, ("decode", 3 * mod._SEEN_LIMIT - 1))  # seen twice
+
+
+@pytest.mark.parametrize("q_len", [96, 40])
+def test_bind_tiles_is_bind_and_predict_from_one_prediction(q_len):
+    q, k, _ = tiered(n_q_blocks=3, heads=2, batch=2, noise=0.3)
+    q = q[:, :, -q_len:]
+    m = masks.meansim(torch.tensor([0.1, 0.3]), cdfthreshd=0.5, block_q=BQ, block_kv=BK)
+    bound, tiles = m.bind_tiles(q, k)
+    assert torch.equal(tiles, m.predict(q, k))
+    lead = (96 - q_len) % BQ  # query blocks are aligned to absolute positions
+    assert tiles.shape == (2, 2, -(-(lead + q_len) // BQ), 6)
+    assert torch.equal(bound.to_dense(q_len, 96), m.bind(q, k).to_dense(q_len, 96))
+    rows = tiles.repeat_interleave(BQ, -2).repeat_interleave(BK, -1)
+    assert torch.equal(bound.to_dense(q_len, 96), rows[..., lead:lead + q_len, :96])

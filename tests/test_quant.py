@@ -368,3 +368,35 @@ def test_triton_kernel_interpreted():
     assert res.returncode == 0, res.stderr[-3000:]
     worst = float(res.stdout.split("WORST")[1])
     assert worst < 2e-3
+
+
+def _tile_choice(mask, n, d):
+    from flexsparse.kernels.quant import _tile_size
+
+    q = torch.zeros(1, 2, n, d)
+    return _tile_size(AttentionCall(q, q, q, mask, d**-0.5, False))
+
+
+def test_tile_shape_follows_the_kept_area_and_the_kernel_speed():
+    """The quant backend runs a static map at the tile shape with the least estimated
+    time: a narrow band keeps half the area at 128 x 64 tiles; a block-aligned map keeps
+    the same area at both, and then the faster lists (128 columns) win."""
+    from flexsparse.kernels.quant import PARTIAL_COST, TILE_SPEED
+
+    band = masks.sliding_window(32)
+    for d in (64, 128):
+        counts = {}
+        for tile in ((128, 128), (128, 64)):
+            c = band.tile_states(1024, 1024, tile)
+            counts[tile] = (int((c == fs.tiles.FULL).sum()) + PARTIAL_COST * int(
+                (c == fs.tiles.PARTIAL).sum())) * (
+                tile[1] / TILE_SPEED[(d, tile[1])])
+        assert counts[(128, 64)] < counts[(128, 128)]
+        assert _tile_choice(band, 1024, d) == (128, 64)
+    blocks = masks.document([256, 512, 256], causal=False)
+    assert _tile_choice(blocks, 1024, 64) == (128, 128)
+    assert _tile_choice(blocks, 1024, 128) == (128, 128)
+    # asked for, or the mask's own tile shape, always wins
+    pred = fs.Mask.from_tiles(torch.ones(8, 16, dtype=torch.bool), (128, 64))
+    pred.native_block_size = (128, 64)
+    assert _tile_choice(pred, 1024, 64) == (128, 64)

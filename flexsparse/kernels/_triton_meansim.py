@@ -1,9 +1,10 @@
 """Triton kernels of the meansim predictor (the arithmetic is ``flexsparse.masks.meansim``'s;
 ``meansim_fast.py`` launches them).
 
-- ``_block_stats``: one pass over the complete blocks of ``x``: pooled mean and the
-  self-similarity ``|sum_i x_i / |x_i||^2 / n^2`` (fp32 accumulation), optionally after
-  subtracting a per-(b, h) mean (``smooth_k``).
+- ``_block_stats``: one pass over every block of ``x`` (the partial leading / trailing
+  block included, zero-padded): pooled mean and the self-similarity
+  ``|sum_i x_i / |x_i||^2 / n^2`` (fp32 accumulation, ``-inf`` for a partial block),
+  optionally after subtracting a per-(b, h) mean (``smooth_k``).
 - ``_sort_rows``: each query block's probabilities sorted in registers (bitonic, a
   power-of-two width padded with -1) instead of ``torch.sort``'s segmented sort.
 - ``_select``: one query block's row of the tile map from the probabilities, the sorted row
@@ -24,28 +25,51 @@ import triton.language as tl
 def _block_stats(
     X, Mean, Pooled, Selfsim,
     sxb, sxh, sxn,
-    H, NB, FIRST, START,
-    HAS_MEAN: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
+    H, N, NB, LEAD,
+    HAS_MEAN: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, D: tl.constexpr,
+    D_P: tl.constexpr, GROUP: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """Complete block ``blk`` of (b, h): rows ``START + blk * BLOCK ...`` of X [B, H, N, D];
-    written to block ``FIRST + blk`` of Pooled [B, H, NB, D] and Selfsim [B, H, NB]."""
-    blk = tl.program_id(0)
+    """Block ``blk`` of (b, h): tokens ``blk * BLOCK - LEAD ...`` of X [B, H, N, D] (those
+    outside ``[0, N)`` are absent: the partial leading / trailing block), written to block
+    ``blk`` of Pooled [B, H, NB, D] and Selfsim [B, H, NB] (``-inf`` for a partial block).
+    BLOCK_P, D_P: powers of two >= BLOCK, D (masked lanes are zeros). A program does
+    GROUP consecutive blocks, their loads software-pipelined STAGES deep."""
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    rows = START + blk * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.arange(0, D)
+    lane = tl.arange(0, BLOCK_P)
+    cols = tl.arange(0, D_P)
+    cmask = cols < D
     src = X + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh
-    x = tl.load(src + rows[:, None].to(tl.int64) * sxn + cols[None, :]).to(tl.float32)
+    for i in tl.range(0, GROUP, num_stages=STAGES):
+        blk = tl.program_id(0) * GROUP + i
+        _one_block(src, Mean, Pooled, Selfsim, sxn, N, NB, LEAD, blk, bh, lane, cols, cmask,
+                   HAS_MEAN, BLOCK, D)
+
+
+@triton.jit
+def _one_block(src, Mean, Pooled, Selfsim, sxn, N, NB, LEAD, blk, bh, lane, cols, cmask,
+               HAS_MEAN: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
+    rows = blk * BLOCK - LEAD + lane
+    valid = (lane < BLOCK) & (rows >= 0) & (rows < N)
+    keep = valid[:, None] & cmask[None, :]
+    x = tl.load(src + rows[:, None].to(tl.int64) * sxn + cols[None, :], mask=keep, other=0.0)
+    x = x.to(tl.float32)
     if HAS_MEAN:
-        x = x - tl.load(Mean + bh.to(tl.int64) * D + cols)[None, :]
+        mu = tl.load(Mean + bh.to(tl.int64) * D + cols, mask=cmask, other=0.0)
+        # absent tokens stay zeros after the shift (the reference pads after subtracting)
+        x = tl.where(keep, x - mu[None, :], 0.0)
+    count = tl.sum(valid.to(tl.int32), 0)
     total = tl.sum(x, 0)
     norm = tl.sqrt(tl.sum(x * x, 1))
     # A zero token stays a zero vector (the reference clamps the norm the same way).
     unit = tl.sum(x * (1.0 / tl.maximum(norm, 1e-12))[:, None], 0)
-    out = bh.to(tl.int64) * NB + FIRST + blk
-    tl.store(Pooled + out * D + cols, total / BLOCK)
-    tl.store(Selfsim + out, tl.sum(unit * unit, 0) / (BLOCK * BLOCK))
+    out = bh.to(tl.int64) * NB + blk
+    here = blk < NB  # the last program's group may run past the last block
+    tl.store(Pooled + out * D + cols, total / tl.maximum(count, 1).to(tl.float32),
+             mask=cmask & here)
+    sim = tl.sum(unit * unit, 0) / (BLOCK * BLOCK)
+    tl.store(Selfsim + out, tl.where(count == BLOCK, sim, float("-inf")), mask=here)
 
 
 @triton.jit

@@ -4,8 +4,8 @@ arithmetic, which ``quant_reference`` mirrors in PyTorch).
 Launches per call:
   1. ``_quant_rows``: Q (times ``scale * log2(e)``) and smoothed K to INT8, one fp32
      scale per block of rows, padded rows written as zeros; one pass each. (Quantizing
-     Q inside ``_attn`` instead, from registers, measured 14-24 % slower: the int8 dot
-     operand then comes from registers, not shared memory; docs/kernel_notes.md.)
+     Q inside ``_attn`` instead, in registers, measured 10-25 % slower dense;
+     docs/kernel_notes.md.)
   2. ``_quant_v``, only when V must change format: to FP8 e4m3 with a per-channel scale,
      stored transposed ``[B, H, D, N_pad]`` so that the P·V product reads it K-major
      (what fp8 MMA wants), or to the other 16-bit float ``[B, H, N_pad, D]``. When the
@@ -29,12 +29,6 @@ LOG2_FP8_MAX = tl.constexpr(8.807354922057604)
 #: 1.5 * 2**23: for |x| < 2**22, float_bits(x + MAGIC_INT) - MAGIC_FLOAT == float(x).
 MAGIC_INT = tl.constexpr(0x4B400000)
 MAGIC_FLOAT = tl.constexpr(12582912.0)
-#: 2^f on [-0.5, 0.5], least squares in relative error: max relative error 7.7e-5 (an
-#: fp16 P rounds at 4.9e-4, a bf16 P at 3.9e-3).
-EXP2_C0 = tl.constexpr(0.9999289048020072)
-EXP2_C1 = tl.constexpr(0.6932762833525732)
-EXP2_C2 = tl.constexpr(0.2426046562099919)
-EXP2_C3 = tl.constexpr(0.0550887670744585)
 #: Floor of a block's absolute maximum, so that an all-zero block gets a finite scale.
 AMAX_EPS = tl.constexpr(1e-20)
 
@@ -107,52 +101,12 @@ def _quant_v(
 
 
 @triton.jit
-def _exp2_fma(x):
-    """``2^x`` for ``x <= 0`` on the FMA and integer pipes instead of the MUFU (whose 16
-    exponentials per clock and SM bound the softmax at D=64): ``x = r + f`` with ``r``
-    rounded by the magic-number add, a cubic for ``2^f``, ``r`` added to the exponent
-    bits. Inputs below -125 give ``2^-125`` (0 once P is rounded to 16 bits)."""
-    x = tl.maximum(x, -125.0)
-    t = x + MAGIC_FLOAT  # float bits of t: MAGIC_INT + round(x)
-    f = x - (t - MAGIC_FLOAT)
-    poly = ((EXP2_C3 * f + EXP2_C2) * f + EXP2_C1) * f + EXP2_C0
-    # MAGIC_INT << 23 overflows to 0, so the shift leaves round(x) << 23.
-    bits = poly.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _exp2_split(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``2^x`` [BLOCK_M, BLOCK_N]: even columns on the MUFU, odd ones by ``_exp2_fma``."""
-    a, b = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_N // 2, 2]))
-    return tl.reshape(tl.join(tl.math.exp2(a), _exp2_fma(b)), [BLOCK_M, BLOCK_N])
-
-
-@triton.jit
-def _exp2_16(x, BF16: tl.constexpr):
-    """``2^x`` with two results per MUFU instruction: ``x`` rounded to a 16-bit float
-    (BF16: ``ex2.approx.ftz.bf16x2``, sm_90; else ``ex2.approx.f16x2``), result in it."""
-    if BF16:
-        y = tl.inline_asm_elementwise(
-            "ex2.approx.ftz.bf16x2 $0, $1;", "=r,r", [x.to(tl.bfloat16)],
-            dtype=tl.bfloat16, is_pure=True, pack=2,
-        )
-    else:
-        y = tl.inline_asm_elementwise(
-            "ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)], dtype=tl.float16,
-            is_pure=True, pack=2,
-        )
-    return y
-
-
-@triton.jit
 def _attn_block(
     acc, l_i, m_i, q, c_q, Kb, Vb, Ks, start_n, q_pos, row_ok, N_KV, V_ROW, V_COL, thr,
     Wb, word0,
     MASK: tl.constexpr, PV_FP8: tl.constexpr, USE_PVT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, WORDS: tl.constexpr,
-    BITS_GATHER: tl.constexpr = False, EXP_SPLIT: tl.constexpr = False,
-    EXP16: tl.constexpr = False, PV_BF16: tl.constexpr = False,
+    BITS_GATHER: tl.constexpr = False,
 ):
     """One (query tile, key block) step of the online softmax; scores in log2 units.
 
@@ -162,8 +116,6 @@ def _attn_block(
     ``x = MAGIC + qk`` is exact; the magic offset, the scale and the running max fold
     into one FMA per element, ``p = 2^(x*c - (MAGIC*c + m))``. V is read with the column
     rule on every masked block (it may be the caller's unpadded tensor).
-    EXP_SPLIT: half of the exponentials of a full block on the FMA pipe (``_exp2_split``).
-    EXP16: (16-bit P·V) the exponentials in V's dtype, two per instruction (``_exp2_16``).
     """
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
@@ -196,16 +148,8 @@ def _attn_block(
     shift = m_safe
     if PV_FP8:
         shift = shift - LOG2_FP8_MAX
-    arg = x * c - (shift + MAGIC_FLOAT * c)[:, None]
-    if EXP16 and not PV_FP8:
-        p = _exp2_16(arg, PV_BF16)
-        l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
-    else:
-        if EXP_SPLIT and MASK == 0:
-            p = _exp2_split(arg, BLOCK_M, BLOCK_N)
-        else:
-            p = tl.math.exp2(arg)
-        l_i = l_i * alpha + tl.sum(p, 1)
+    p = tl.math.exp2(x * c - (shift + MAGIC_FLOAT * c)[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     v_ptr = Vb + offs_n[:, None] * V_ROW + offs_d[None, :] * V_COL  # [BLOCK_N, D]
     if MASK == 0:
@@ -231,8 +175,7 @@ def _attn(
     MODE: tl.constexpr,  # 0 dense, 1 causal, 2 tile lists (full, then partial with bits)
     PV_FP8: tl.constexpr, USE_PVT: tl.constexpr, HAS_PARTIAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr,
-    BITS_GATHER: tl.constexpr = False, EXP_SPLIT: tl.constexpr = False,
-    EXP16: tl.constexpr = False, PV_BF16: tl.constexpr = False,
+    BITS_GATHER: tl.constexpr = False,
 ):
     """One query tile of one (b, h). Q, K: int8 [B, H, N_PAD, D]; V: fp8
     [B, Hkv, D, NK_PAD] (PV_FP8) or 16-bit [B, Hkv, >=N_KV, D], strides (svb, svh, V_ROW,
@@ -258,6 +201,7 @@ def _attn(
     row_ok = offs_m < N_Q
     q_pos = offs_m + Q_OFF
     WORDS: tl.constexpr = TILE_N // 32
+    SUB: tl.constexpr = TILE_N // BLOCK_N  # key blocks per tile
 
     q = tl.load(Q + bh.to(tl.int64) * NQ_PAD * D + offs_m[:, None] * D + offs_d[None, :])
     c_q = tl.load(Qs + bh.to(tl.int64) * NQB + pid_m)
@@ -278,13 +222,11 @@ def _attn(
             acc, l_i, m_i = _attn_block(
                 acc, l_i, m_i, q, c_q, Kb, Vb, Ks, start_n, q_pos, row_ok, N_KV, V_ROW,
                 V_COL, thr, Bits, 0, 0, PV_FP8, USE_PVT, BLOCK_M, BLOCK_N, D, WORDS,
-                False, EXP_SPLIT, EXP16, PV_BF16,
             )
         if n_full < N_KV:  # the ragged last block
             acc, l_i, m_i = _attn_block(
                 acc, l_i, m_i, q, c_q, Kb, Vb, Ks, n_full, q_pos, row_ok, N_KV, V_ROW,
                 V_COL, thr, Bits, 0, 1, PV_FP8, USE_PVT, BLOCK_M, BLOCK_N, D, WORDS,
-                False, False, EXP16, PV_BF16,
             )
     elif MODE == 1:
         # Blocks every row of the tile sees in full, then the diagonal band.
@@ -294,13 +236,11 @@ def _attn(
             acc, l_i, m_i = _attn_block(
                 acc, l_i, m_i, q, c_q, Kb, Vb, Ks, start_n, q_pos, row_ok, N_KV, V_ROW,
                 V_COL, thr, Bits, 0, 0, PV_FP8, USE_PVT, BLOCK_M, BLOCK_N, D, WORDS,
-                False, EXP_SPLIT, EXP16, PV_BF16,
             )
         for start_n in range(lo_diag, hi, BLOCK_N):
             acc, l_i, m_i = _attn_block(
                 acc, l_i, m_i, q, c_q, Kb, Vb, Ks, start_n, q_pos, row_ok, N_KV, V_ROW,
                 V_COL, thr, Bits, 0, 2, PV_FP8, USE_PVT, BLOCK_M, BLOCK_N, D, WORDS,
-                False, False, EXP16, PV_BF16,
             )
     else:
         lst = b.to(tl.int64) * snb + h.to(tl.int64) * snh + pid_m
@@ -310,35 +250,36 @@ def _attn(
         last = tl.load(FullIdx + i_off + tl.maximum(n_tiles - 1, 0))
         ragged = (n_tiles > 0) & (last == NKT - 1) & (N_KV % TILE_N != 0)
         n_plain = n_tiles - ragged.to(tl.int32)
-        for i in range(0, n_plain):
-            tile = tl.load(FullIdx + i_off + i)
-            for s in tl.static_range(TILE_N // BLOCK_N):
-                acc, l_i, m_i = _attn_block(
-                    acc, l_i, m_i, q, c_q, Kb, Vb, Ks, tile * TILE_N + s * BLOCK_N, q_pos,
-                    row_ok, N_KV, V_ROW, V_COL, thr, Bits, 0, 0, PV_FP8, USE_PVT, BLOCK_M,
-                    BLOCK_N, D, WORDS, False, EXP_SPLIT, EXP16, PV_BF16,
-                )
+        # One key block per iteration, also for tiles of several blocks: Triton pipelines a
+        # loop body of one block best (H100, radial Wan 69 f at 128 x 128 tiles, D=128:
+        # 15.5 ms with two unrolled blocks per tile, 13.2 ms this way).
+        for j in range(0, n_plain * SUB):
+            tile = tl.load(FullIdx + i_off + j // SUB)
+            acc, l_i, m_i = _attn_block(
+                acc, l_i, m_i, q, c_q, Kb, Vb, Ks, tile * TILE_N + (j % SUB) * BLOCK_N,
+                q_pos, row_ok, N_KV, V_ROW, V_COL, thr, Bits, 0, 0, PV_FP8, USE_PVT, BLOCK_M,
+                BLOCK_N, D, WORDS,
+            )
         if ragged:
             for s in tl.static_range(TILE_N // BLOCK_N):
                 acc, l_i, m_i = _attn_block(
                     acc, l_i, m_i, q, c_q, Kb, Vb, Ks, last * TILE_N + s * BLOCK_N, q_pos,
                     row_ok, N_KV, V_ROW, V_COL, thr, Bits, 0, 1, PV_FP8, USE_PVT, BLOCK_M,
-                    BLOCK_N, D, WORDS, False, False, EXP16, PV_BF16,
+                    BLOCK_N, D, WORDS,
                 )
         if HAS_PARTIAL:
             # Partial tiles: the token rule from the packed bits (0 past N_KV and N_Q).
             n_part = tl.load(PartNum + lst)
             first = tl.load(PartOff + lst)
-            for i in range(0, n_part):
+            for j in range(0, n_part * SUB):
+                i = j // SUB
                 tile = tl.load(PartIdx + i_off + i)
                 Wb = Bits + (first + i) * (BLOCK_M * WORDS)
-                for s in tl.static_range(TILE_N // BLOCK_N):
-                    acc, l_i, m_i = _attn_block(
-                        acc, l_i, m_i, q, c_q, Kb, Vb, Ks, tile * TILE_N + s * BLOCK_N,
-                        q_pos, row_ok, N_KV, V_ROW, V_COL, thr, Wb, s * (BLOCK_N // 32), 3,
-                        PV_FP8, USE_PVT, BLOCK_M, BLOCK_N, D, WORDS, BITS_GATHER, False,
-                        EXP16, PV_BF16,
-                    )
+                acc, l_i, m_i = _attn_block(
+                    acc, l_i, m_i, q, c_q, Kb, Vb, Ks, tile * TILE_N + (j % SUB) * BLOCK_N,
+                    q_pos, row_ok, N_KV, V_ROW, V_COL, thr, Wb, (j % SUB) * (BLOCK_N // 32),
+                    3, PV_FP8, USE_PVT, BLOCK_M, BLOCK_N, D, WORDS, BITS_GATHER,
+                )
 
     inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)
     out = acc * inv_l[:, None]

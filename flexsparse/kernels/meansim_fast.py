@@ -1,10 +1,14 @@
 """Host side of the meansim predictor's Triton kernels (``_triton_meansim.py``).
 
-Kernels replace the parts of ``flexsparse.masks.meansim`` that dominated its CUDA time:
-block statistics (one pass over q and k; sums in another order than PyTorch's, so a
-statistic can differ in its last bit) and the per-row selection (rows sorted in registers,
-``torch.cumsum`` kept so the threshold count rounds as in the PyTorch path, then one kernel
-for count, cut, tie rule and the always-kept tiles). Nothing here synchronises.
+- ``block_stats_into``: the block statistics of q or k in one launch (one pass over the
+  tensor; sums in another order than PyTorch's, so a statistic can differ in its last bit).
+  The default CUDA predictor (``flexsparse.masks.meansim``) uses it, then replays steps 2-4,
+  PyTorch's own ops, from a CUDA graph (``capture``).
+- ``select``: the opt-in Triton selection (``FLEXSPARSE_MEANSIM_TRITON=1``): rows sorted in
+  registers, ``torch.cumsum`` kept so the threshold count rounds as in the PyTorch path,
+  then one kernel for count, cut, tie rule and the always-kept tiles.
+
+Nothing here synchronises except ``capture`` (once per shape).
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ def _have_triton() -> bool:
 
 def available(x: Tensor) -> bool:
     """Whether the Triton path runs on ``x``'s device: CUDA, Triton importable, asked for
-    with ``FLEXSPARSE_MEANSIM_TRITON=1``, not inside ``torch.compile``. Opt-in: measured at
-    1.46 ms on the 2b shape against 1.02 ms for the compiled PyTorch path (H100)."""
+    with ``FLEXSPARSE_MEANSIM_TRITON=1``, not inside ``torch.compile``. Opt-in, eager: 1.31 ms
+    on the 2b shape against 0.61 ms for the default CUDA-graph predictor (H100, 2026-11-25)."""
     return (
         x.is_cuda
         and os.environ.get("FLEXSPARSE_MEANSIM_TRITON", "") == "1"
@@ -42,32 +46,63 @@ def available(x: Tensor) -> bool:
 SORT_IN_TRITON = True
 
 
-def _pow2(n: int) -> bool:
-    return n >= 16 and n & (n - 1) == 0
+def stats_ready(x: Tensor) -> bool:
+    """Whether ``block_stats_into`` runs on ``x``: CUDA, Triton importable, not inside
+    ``torch.compile``."""
+    return x.is_cuda and not torch.compiler.is_compiling() and _have_triton()
 
 
-def stats_supported(x: Tensor, block: int) -> bool:
-    """Shapes ``full_block_stats`` takes: power-of-two block (>= 16) and head_dim."""
-    return available(x) and _pow2(block) and _pow2(x.shape[-1]) and x.stride(-1) == 1
-
-
-def full_block_stats(
-    x: Tensor, block: int, start: int, count: int, pooled: Tensor, selfsim: Tensor,
-    first: int, mean: Tensor | None = None,
+def block_stats_into(
+    x: Tensor, block: int, lead: int, pooled: Tensor, selfsim: Tensor,
+    mean: Tensor | None = None,
 ) -> None:
-    """Fill ``pooled[:, :, first:first+count]`` ([B, H, NB, D] fp32) and ``selfsim`` ([B, H,
-    NB] fp32) with the statistics of the ``count`` complete blocks of ``x`` [B, H, N, D]
-    that start at token ``start``; ``mean`` [B, H, D] fp32 is subtracted first."""
+    """Fill ``pooled`` ([B, H, NB, D] fp32) and ``selfsim`` ([B, H, NB] fp32) with the
+    statistics of every block of ``x`` [B, H, N, D] (any strides but a unit last one), one
+    launch: block ``j`` holds tokens ``j * block - lead ...``; a partial block is pooled over
+    its tokens and has self-similarity ``-inf``. ``mean`` [B, H, D] fp32 (contiguous) is
+    subtracted first (``smooth_k``)."""
     from . import _triton_meansim as K
 
-    b, h, _, d = x.shape
-    if count == 0:
+    b, h, n, d = x.shape
+    nb = pooled.shape[2]
+    if nb == 0 or b * h == 0:
         return
-    K._block_stats[(count, b * h)](
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    bp, dp = max(16, triton_next_pow2(block)), max(16, triton_next_pow2(d))
+    group = max(1, STATS_ROWS // bp)
+    K._block_stats[(-(-nb // group), b * h)](
         x, pooled if mean is None else mean, pooled, selfsim,
-        x.stride(0), x.stride(1), x.stride(2), h, pooled.shape[2], first, start,
-        HAS_MEAN=mean is not None, BLOCK=block, D=d, num_warps=4 if block * d <= 8192 else 8,
+        x.stride(0), x.stride(1), x.stride(2), h, n, nb, lead,
+        HAS_MEAN=mean is not None, BLOCK=block, BLOCK_P=bp, D=d, D_P=dp, GROUP=group,
+        STAGES=STATS_STAGES, num_warps=4 if bp * dp <= 8192 else 8,
     )
+
+
+#: Tokens per program of the statistics kernel (consecutive blocks, at least one) and the
+#: depth of its software pipeline over them. One block per program measured fastest (H100,
+#: q+k of the CogVideoX-2b shape: 194 us; 256 tokens 201 us, 256 / 2 stages 234 us,
+#: 512 / 3 stages 231 us; ``benchmarks/meansim.py --auto``).
+STATS_ROWS = 0
+STATS_STAGES = 1
+
+
+def capture(fn, inputs: dict, device: torch.device):
+    """``fn(**inputs)`` captured in a CUDA graph (after two warm-up runs on a side stream,
+    so that lazy initialisation stays out of the graph): ``(graph, out)``; ``replay()``
+    recomputes ``out`` in place from the current contents of ``inputs``. Each graph has its
+    own memory pool: a pool shared with graphs freed since (a dropped shape) trips the
+    caching allocator's assertion (torch 2.11). Synchronises: call it once per shape."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn(**inputs)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        out = fn(**inputs)
+    return graph, out
 
 
 def select(

@@ -71,12 +71,6 @@ MAX_BITS_BYTES = 512 << 20
 #: Partial tiles: one word load per score element (True, the first version) or each
 #: row's words once (False). Benchmarks flip it to compare the two in one run.
 BITS_GATHER = False
-#: Half of the exponentials of full blocks on the FMA pipe (``_exp2_split``), per head
-#: dim. Benchmarks flip it to compare (``benchmarks/quant.py --part exp``).
-EXP_SPLIT = {64: False, 128: False}
-#: 16-bit P·V: exponentials in V's 16-bit dtype, two per MUFU instruction (``_exp2_16``;
-#: sm_90 for bf16). Benchmarks flip it to compare.
-EXP16 = False
 
 # -- quantization helpers (PyTorch, any device) --------------------------------------------
 
@@ -520,8 +514,6 @@ def quant_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    exp_split: bool | None = None,
-    exp16: bool | None = None,
 ) -> Tensor:
     """Quantized block-sparse attention (Triton; CUDA, or ``TRITON_INTERPRET=1``).
 
@@ -538,8 +530,8 @@ def quant_attention(
         pvthreshd: None, a number or ``[Hq]`` values (log2 units; see module docstring).
         pv_dtype: ``"fp8"`` (sm_89+), ``"fp16"``, ``"bf16"`` or ``"auto"`` (the inputs'
             16-bit dtype, ``default_pv_dtype``: V is then read in place).
-        block_n, num_warps, num_stages, exp_split, exp16: launch overrides
-            (benchmarks); defaults from ``CONFIGS``, ``EXP_SPLIT`` and ``EXP16``.
+        block_n, num_warps, num_stages: launch overrides (benchmarks); defaults from
+            ``CONFIGS``.
 
     Returns:
         ``[B, Hq, Nq, D]`` in the dtype of ``q``; rows with no kept key are zeros.
@@ -652,8 +644,6 @@ def quant_attention(
         MODE=mode, PV_FP8=fp8, USE_PVT=pvt is not None,
         HAS_PARTIAL=lists is not None and lists.n_partial > 0,
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, TILE_N=tile_n, D=d, BITS_GATHER=BITS_GATHER,
-        EXP_SPLIT=EXP_SPLIT.get(d, False) if exp_split is None else exp_split,
-        EXP16=EXP16 if exp16 is None else exp16, PV_BF16=vq.dtype == torch.bfloat16,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
@@ -662,15 +652,37 @@ def quant_attention(
 # -- the backend ---------------------------------------------------------------------------
 
 
+#: Relative speed of the kernel on tile lists per (head_dim, tile_n) at its ``CONFIGS``,
+#: and the cost of a partial tile relative to a full one: what ``_tile_size`` weighs tile
+#: maps with. Measured on an H100, 2026-11-25 (``benchmarks/quant.py --part kernel``,
+#: radial block maps, which keep the same tiles at both shapes; 128 x 128 / 128 x 64 ms:
+#: D=64 CogVideoX-2b 6.30 / 6.55, D=128 Wan 69 f 13.2 / 13.6, HunyuanVideo 117 f
+#: 25.7 / 28.1; partial tiles ~1.6x a full one, docs/kernel_notes.md).
+TILE_SPEED = {(64, 128): 1.0, (64, 64): 0.96, (128, 128): 1.0, (128, 64): 0.94}
+PARTIAL_COST = 1.6
+
+
 def _tile_size(call) -> tuple[int, int]:
     """The BlockMask tiles for ``call``: asked for, else the mask's own (meansim predicts
-    at 128 x 64), else 128 x 128."""
+    at 128 x 64), else the tile shape with the least estimated kernel time: kept tiles
+    (partial ones weighted by ``PARTIAL_COST``) times their width over ``TILE_SPEED``.
+    The 128-column lists run faster at both head dims, so 64-column tiles must skip
+    enough more of the map to win (fine bands, token-granular maps). One tile census per
+    shape and tile size (cached with the BlockMask)."""
     if call.block_size is not None:
         return tuple(call.block_size)
     native = getattr(call.mask, "native_block_size", None)
     if native is not None and tuple(native) in TILE_SIZES:
         return tuple(native)
-    return (BLOCK_M, TILE_N)
+    if _mode_of(call.mask) != "tiles" or call.head_dim not in HEAD_DIMS:
+        return (BLOCK_M, TILE_N)
+
+    def cost(tile):
+        counts = call.tile_counts(tile)
+        kept = counts.full + PARTIAL_COST * counts.partial
+        return kept * tile[1] / TILE_SPEED[(call.head_dim, tile[1])]
+
+    return min(TILE_SIZES, key=cost)
 
 
 class QuantBackend:
@@ -682,6 +694,8 @@ class QuantBackend:
     def not_supported_reasons(self, call) -> list[str]:
         """Why the kernel cannot run ``call`` (empty when it can)."""
         reasons = device_reasons(call.q)
+        if reasons:
+            return reasons
         tile = _tile_size(call)
         if tile not in TILE_SIZES:
             reasons.append(f"block_size must be one of {TILE_SIZES}, got {tile}")

@@ -114,12 +114,10 @@ def block_stats(x: Tensor, block: int, lead: int = 0, smooth: bool = False):
     each) is reduced on its own and only pooled (its self-similarity is ``-inf``).
     """
     b, h, n, d = x.shape
-    fast = _fast().stats_supported(x, block) if x.is_cuda and x.numel() else False
-    mean = None
-    if smooth and fast:
-        # The kernel subtracts the mean itself: no float32 copy of x.
-        mean = torch.mean(x, dim=-2, dtype=torch.float32)
-    elif smooth:
+    fast = bool(x.is_cuda and x.numel() and _fast().available(x))
+    if fast:
+        return _fast_block_stats(x, block, lead, smooth)
+    if smooth:
         xf = x.to(torch.float32)
         x = xf - xf.mean(dim=-2, keepdim=True)
     f32 = torch.float32
@@ -129,8 +127,6 @@ def block_stats(x: Tensor, block: int, lead: int = 0, smooth: bool = False):
     head = min(n, (block - lead % block) % block) if lead else 0
     full = (n - head) // block
     tail = n - head - full * block
-    if fast and full:
-        return _fast_block_stats(x, block, head, full, tail, lead, nb, mean)
     pooled, selfsim, counts = [], [], []
     if head:
         pooled.append(_partial_mean(x[:, :, :head], lead, block - lead - head, head))
@@ -181,27 +177,23 @@ def _fast():
     return meansim_fast
 
 
-def _fast_block_stats(x, block, head, full, tail, lead, nb, mean):
-    """``block_stats`` with the complete blocks reduced by one Triton kernel (CUDA); the
-    partial leading / trailing block as in the PyTorch path."""
+def _fast_block_stats(x: Tensor, block: int, lead: int, smooth: bool):
+    """``block_stats`` by one Triton launch (CUDA): the kernel subtracts the mean itself
+    (``smooth``), so no float32 copy of ``x`` is made."""
     b, h, n, d = x.shape
-    f32 = torch.float32
-    pooled = torch.empty(b, h, nb, d, dtype=f32, device=x.device)
-    selfsim = torch.full((b, h, nb), -math.inf, dtype=f32, device=x.device)
-    first = 1 if head else 0
-    _fast().full_block_stats(x, block, head, full, pooled, selfsim, first, mean)
+    nb = -(-(lead + n) // block)
+    pooled = torch.empty(b, h, nb, d, dtype=torch.float32, device=x.device)
+    selfsim = torch.empty(b, h, nb, dtype=torch.float32, device=x.device)
+    mean = torch.mean(x, dim=-2, dtype=torch.float32) if smooth else None
+    _fast().block_stats_into(x, block, lead, pooled, selfsim, mean)
+    return pooled, selfsim, _complete(nb, block, lead, n, x.device)
 
-    def part(sl):
-        xp = x[:, :, sl].to(f32)
-        return xp if mean is None else xp - mean[:, :, None, :]
 
-    if head:
-        pooled[:, :, :1] = _partial_mean(part(slice(0, head)), lead, block - lead - head, head)
-    if tail:
-        pooled[:, :, -1:] = _partial_mean(part(slice(n - tail, n)), 0, block - tail, tail)
-    pos = torch.arange(nb, device=x.device)
-    complete = (pos >= first) & (pos < nb - (1 if tail else 0))
-    return pooled, selfsim, complete
+def _complete(nb: int, block: int, lead: int, n: int, device) -> Tensor:
+    """bool ``[nb]``: blocks holding ``block`` real tokens (from arange: a host list would be
+    a host-to-device copy)."""
+    pos = torch.arange(nb, device=device)
+    return (pos * block - lead >= 0) & ((pos + 1) * block - lead <= n)
 
 
 def _partial_mean(part: Tensor, before: int, after: int, count: int) -> Tensor:
@@ -225,6 +217,7 @@ def select_tiles(
     causal: bool = False,
     attention_sink: bool = False,
     q_block_offset: int = 0,
+    triton: bool | None = None,
 ) -> Tensor:
     """Steps 2-4 of the predictor on block statistics (see the module docstring).
 
@@ -233,6 +226,8 @@ def select_tiles(
         pooled_k: ``[B, H, KVb, D]``; selfsim_k: ``[B, H, KVb]`` (already repeated for GQA).
         simthreshd1, cdfthreshd, topk: float32 ``[H]``; exactly one of cdfthreshd / topk.
         q_block_offset: absolute index of query block 0 (decode steps), for ``causal``.
+        triton: steps 3-4 by the Triton kernels (``kernels/meansim_fast.select``: the same
+            tiles); None = where ``FLEXSPARSE_MEANSIM_TRITON=1`` asks for them.
 
     Returns:
         bool ``[B, H, Qb, KVb]``.
@@ -257,7 +252,9 @@ def select_tiles(
     prob = score.softmax(-1)
     # A row with no finite score gives NaN; all its allowed tiles are kept by step 4.
     prob = torch.nan_to_num(prob, nan=0.0)
-    if prob.is_cuda and prob.numel() and _fast().available(prob):
+    if triton is None:
+        triton = prob.is_cuda and _fast().available(prob)
+    if triton and prob.numel():
         return _fast().select(
             prob, sim_q, sim_k, cdfthreshd, topk, block_q=block_q, block_kv=block_kv,
             causal=causal, attention_sink=attention_sink, q_block_offset=q_block_offset,
@@ -302,11 +299,13 @@ def _predict(q, k, sim1, cdf, top, block_q, block_kv, causal, attention_sink, sm
     )
 
 
-# torch.compile'd ``_predict`` on CUDA, one graph per shape (``dynamic=False``). Shapes
-# that change every call (decode steps) would recompile each time, so a shape is compiled
-# when first seen only for ``q_len == kv_len`` (prefill, video), otherwise when it repeats;
-# at most ``_COMPILE_BUDGET`` keys. FLEXSPARSE_COMPILE=0 keeps everything eager,
-# FLEXSPARSE_COMPILE=1 compiles on every device (CPU included).
+# The fast predictor, one per shape: on CUDA the block statistics by one Triton launch per
+# tensor and steps 2-4 (PyTorch's own ops, so the tile map is the eager path's for the same
+# statistics) replayed from a CUDA graph (``_GraphPredictor``); elsewhere (FLEXSPARSE_COMPILE
+# =1) or with FLEXSPARSE_MEANSIM_GRAPH=0, torch.compile'd ``_predict`` (``dynamic=False``).
+# Shapes that change every call (decode steps) would capture / compile each time, so a shape
+# is taken when first seen only for ``q_len == kv_len`` (prefill, video), otherwise when it
+# repeats; at most ``_COMPILE_BUDGET`` keys. FLEXSPARSE_COMPILE=0 keeps everything eager.
 _COMPILE_BUDGET = 8
 #: Shapes remembered for the "seen twice" rule; the oldest is forgotten past this many
 #: (a decode loop brings a new shape every step).
@@ -315,6 +314,11 @@ _compiled = None
 _seen: OrderedDict = OrderedDict()
 _compiled_keys: set = set()
 _failed = False
+_graphs: OrderedDict = OrderedDict()
+_graph_failed = False
+#: Steps 3-4 of the captured predictor by the Triton kernels (True) or PyTorch's ops;
+#: both give the same tiles (tests/gpu/test_meansim_gpu.py).
+_GRAPH_TRITON_SELECT = True
 
 
 def _want_compile(q: Tensor, k: Tensor, key) -> bool:
@@ -341,15 +345,146 @@ def _want_compile(q: Tensor, k: Tensor, key) -> bool:
     return False
 
 
-def _run_predict(q, k, *args) -> Tensor:
+def _use_graph(q: Tensor) -> bool:
+    """The CUDA-graph predictor for ``q``: CUDA, Triton importable, not switched off
+    (FLEXSPARSE_MEANSIM_GRAPH=0), not inside ``torch.compile`` or a graph capture."""
+    return (
+        not _graph_failed
+        and os.environ.get("FLEXSPARSE_MEANSIM_GRAPH", "") != "0"
+        and _fast().stats_ready(q)
+        and not torch.cuda.is_current_stream_capturing()
+    )
+
+
+class _GraphPredictor:
+    """The predictor for one shape on CUDA: static statistics buffers that the Triton
+    stats kernel fills, per-head hyperparameter buffers, and steps 2-4 (``select_tiles``:
+    PyTorch's score / softmax / cumsum, the Triton sort and selection) captured once in a
+    CUDA graph. A call is two or three launches
+    and one replay, and never waits for the device."""
+
+    def __init__(self, q: Tensor, k: Tensor, mask: MeansimMask):
+        dev, f32 = q.device, torch.float32
+        b, hq, n_q, d = q.shape
+        hkv, n_kv = k.shape[1], k.shape[2]
+        self.offset = n_kv - n_q
+        self.lead = self.offset % mask.block_q
+        qb = -(-(self.lead + n_q) // mask.block_q)
+        kb = -(-n_kv // mask.block_kv)
+        self.inputs = {
+            "pq": torch.zeros(b, hq, qb, d, dtype=f32, device=dev),
+            "sq": torch.zeros(b, hq, qb, dtype=f32, device=dev),
+            "pk": torch.zeros(b, hkv, kb, d, dtype=f32, device=dev),
+            "sk": torch.zeros(b, hkv, kb, dtype=f32, device=dev),
+            "sim1": torch.zeros(hq, dtype=f32, device=dev),
+            "cdf": None if mask.cdfthreshd is None else torch.zeros(hq, dtype=f32, device=dev),
+            "top": None if mask.topk is None else torch.zeros(hq, dtype=f32, device=dev),
+        }
+        self.hyper_key = None
+        self.fill(q, k, mask)
+        rep, q_off = hq // hkv, self.offset // mask.block_q
+        opts = dict(block_q=mask.block_q, block_kv=mask.block_kv, causal=mask.causal,
+                    attention_sink=mask.attention_sink, q_block_offset=q_off)
+
+        def steps(pq, sq, pk, sk, sim1, cdf, top):
+            if rep > 1:
+                pk, sk = pk.repeat_interleave(rep, dim=1), sk.repeat_interleave(rep, dim=1)
+            # Sorting and the tie rule by the Triton kernels: torch.sort alone took 175 us
+            # of 550 on the CogVideoX-2b shape (H100 profile, benchmarks/meansim.py).
+            return select_tiles(pq, sq, pk, sk, sim1, cdfthreshd=cdf, topk=top,
+                                triton=_GRAPH_TRITON_SELECT, **opts)
+
+        self.graph, self.out = _fast().capture(steps, self.inputs, dev)
+
+    def fill(self, q: Tensor, k: Tensor, mask: MeansimMask) -> None:
+        """The statistics of ``q, k`` and ``mask``'s hyperparameters into the inputs."""
+        fast, inp = _fast(), self.inputs
+        fast.block_stats_into(q, mask.block_q, self.lead, inp["pq"], inp["sq"])
+        mean = torch.mean(k, dim=-2, dtype=torch.float32) if mask.smooth_k else None
+        fast.block_stats_into(k, mask.block_kv, 0, inp["pk"], inp["sk"], mean)
+        values = (("sim1", mask.simthreshd1), ("cdf", mask.cdfthreshd), ("top", mask.topk))
+        key = tuple(_hyper_key(v) for _, v in values)
+        if key == self.hyper_key:
+            return  # the same hyperparameters as the last call (no launch)
+        # Held so that a freed tensor's id cannot come back as another's in the key.
+        self.hyper_refs = [v for _, v in values]
+        for name, value in values:
+            buf = inp[name]
+            if buf is None:
+                continue
+            if isinstance(value, float):
+                buf.fill_(value)
+            else:
+                dev_value = mask._on(value, buf.device)
+                buf.copy_(_per_head(name, dev_value, buf.numel(), buf.device))
+        self.hyper_key = key
+
+    def __call__(self, q: Tensor, k: Tensor, mask: MeansimMask) -> Tensor:
+        self.fill(q, k, mask)
+        self.graph.replay()
+        return self.out.clone()  # the next replay overwrites ``out``
+
+
+def _hyper_key(value):
+    """Identifies a hyperparameter's current value without reading a device tensor."""
+    if value is None or isinstance(value, float):
+        return value
+    return (id(value), value._version)
+
+
+def _graph_key(q: Tensor, k: Tensor, mask: MeansimMask):
+    return ("graph", tuple(q.shape), k.shape[1], k.shape[2], str(q.device),
+            mask.cdfthreshd is None, mask.block_q, mask.block_kv, mask.causal,
+            mask.attention_sink)
+
+
+def _graph_predict(q: Tensor, k: Tensor, mask: MeansimMask) -> Tensor | None:
+    """The tile map from this shape's ``_GraphPredictor`` (captured on first use), or None
+    where the eager path must run (no capture under a sync-debug mode, which capturing
+    would trip; capture failed)."""
+    global _graph_failed
+    key = _graph_key(q, k, mask)
+    entry = _graphs.get(key)
+    if entry is None:
+        if torch.cuda.get_sync_debug_mode() != 0:
+            return None
+        try:
+            entry = _GraphPredictor(q, k, mask)
+        except Exception as err:  # pragma: no cover - depends on the toolchain
+            _graph_failed = True
+            warnings.warn(
+                f"meansim: CUDA graph capture failed ({type(err).__name__}: {err}); using "
+                "the eager predictor. Set FLEXSPARSE_MEANSIM_GRAPH=0 to silence.",
+                stacklevel=4,
+            )
+            return None
+        _graphs[key] = entry
+        while len(_graphs) > _COMPILE_BUDGET:
+            _graphs.popitem(last=False)
+    return entry(q, k, mask)
+
+
+def _run_predict(mask: MeansimMask, q: Tensor, k: Tensor) -> Tensor:
     global _compiled, _failed
+    args = (mask.block_q, mask.block_kv, mask.causal, mask.attention_sink, mask.smooth_k)
+    if q.is_cuda and _use_graph(q):
+        key = _graph_key(q, k, mask)
+        if _want_compile(q, k, key):
+            kept = _graph_predict(q, k, mask)
+            if kept is not None:
+                return kept
+    heads, dev = q.shape[1], q.device
+    sim1 = _per_head("simthreshd1", mask._on(mask.simthreshd1, dev), heads, dev)
+    cdf = None if mask.cdfthreshd is None else _per_head(
+        "cdfthreshd", mask._on(mask.cdfthreshd, dev), heads, dev)
+    top = None if mask.topk is None else _per_head("topk", mask._on(mask.topk, dev), heads, dev)
     key = (tuple(q.shape), tuple(k.shape), q.stride(), k.stride(), q.dtype, k.dtype,
-           str(q.device), args[1] is None, args[3:])
-    if _want_compile(q, k, key):
+           str(q.device), cdf is None, args[3:])
+    if not (q.is_cuda and _use_graph(q)) and _want_compile(q, k, key):
         if _compiled is None:
             _compiled = torch.compile(_predict, dynamic=False)
         try:
-            return _compiled(q, k, *args)
+            return _compiled(q, k, sim1, cdf, top, *args)
         except Exception as err:  # pragma: no cover - depends on the toolchain
             _failed = True
             warnings.warn(
@@ -357,7 +492,7 @@ def _run_predict(q, k, *args) -> Tensor:
                 "Set FLEXSPARSE_COMPILE=0 to silence.",
                 stacklevel=3,
             )
-    return _predict(q, k, *args)
+    return _predict(q, k, sim1, cdf, top, *args)
 
 
 class MeansimMask(DynamicMask):
@@ -502,20 +637,18 @@ class MeansimMask(DynamicMask):
         starts at position ``(kv_len - q_len) // block_q * block_q`` and a block only
         partly inside ``q`` is never self-similar."""
         self._check_qk(q, k)
-        heads, dev = q.shape[1], q.device
-        sim1 = _per_head("simthreshd1", self._on(self.simthreshd1, dev), heads, dev)
-        cdf = None if self.cdfthreshd is None else _per_head(
-            "cdfthreshd", self._on(self.cdfthreshd, dev), heads, dev)
-        top = None if self.topk is None else _per_head(
-            "topk", self._on(self.topk, dev), heads, dev)
-        return _run_predict(
-            q, k, sim1, cdf, top, self.block_q, self.block_kv, self.causal,
-            self.attention_sink, self.smooth_k,
-        )
+        return _run_predict(self, q, k)
 
     def bind(self, q: Tensor, k: Tensor) -> Mask:
         """The block-granular ``Mask`` of this call (batch- and head-dependent)."""
-        kept = self.predict(q, k)
+        return self.bind_tiles(q, k)[0]
+
+    def bind_tiles(self, q: Tensor, k: Tensor) -> tuple[Mask, Tensor]:
+        """``(bind(q, k), predict(q, k))`` from one prediction: the bound mask and the
+        bool tile map ``[B, H, Qb, KVb]`` it was built from (``attention`` decides from the
+        map whether the prediction pays before any ``BlockMask`` is built)."""
+        predicted = self.predict(q, k)
+        kept = predicted
         kv_len = k.shape[2]
         skipped = (kv_len - q.shape[2]) // self.block_q
         if skipped:
@@ -526,7 +659,7 @@ class MeansimMask(DynamicMask):
             kept, (self.block_q, self.block_kv), name=self.name, length=kv_len
         )
         mask.native_block_size = (self.block_q, self.block_kv)
-        return mask
+        return mask, predicted
 
     def __repr__(self) -> str:
         return (

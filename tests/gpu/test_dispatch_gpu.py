@@ -80,3 +80,33 @@ def test_aliased_inputs_compiled_flex():
     fs.attention(x, x, x, seg, backend="flex")
     out = fs.attention(q, q, q, masks.causal(), backend="flex")
     assert rel_l2(out, fs.reference(q, q, q, masks.causal())) < 1e-2
+
+
+def test_dropped_meansim_prediction_builds_no_block_mask(monkeypatch):
+    """auto decides from the predicted map itself: a dropped prediction builds no
+    BlockMask."""
+    q, k, v = qkv(2000)
+    dyn = masks.meansim(1.5, cdfthreshd=1.0)  # every tile kept
+    fs.attention(q, k, v, dyn)  # warm-up: the predictor's capture for this shape
+    built = []
+    real = fs.Mask.block_mask
+    monkeypatch.setattr(fs.Mask, "block_mask",
+                        lambda self, *a, **kw: built.append(self.name) or real(self, *a, **kw))
+    choice = fs.explain(q, k, v, dyn)
+    out = fs.attention(q, k, v, dyn)
+    assert built == [] and choice.backend == "sdpa" and choice.sdpa_mode == "none"
+    assert "keeps 100.0%" in choice.notes[0]
+    assert rel_l2(out, fs.reference(q, k, v)) < 1e-2
+
+
+def test_kept_meansim_prediction_matches_reference():
+    q, k, v = qkv(2000)
+    base = torch.randn(1, 4, 1, 64, device="cuda", dtype=torch.bfloat16)
+    q, k = q + 2 * base, k + 2 * base
+    dyn = masks.meansim(0.0, cdfthreshd=0.6)
+    bound, (_, counts) = fa._bind_counted(dyn, q, k)
+    assert counts.partial == 0 and 0.05 < counts.kept_fraction < 0.8
+    choice = fs.explain(q, k, v, dyn)
+    assert choice.notes == () and choice.backend in ("flex", "quant")
+    out = fs.attention(q, k, v, dyn)
+    assert rel_l2(out, fs.reference(q, k, v, dyn.bind(q, k))) < 3e-2
