@@ -109,7 +109,9 @@ def dense_part(gen, pvs) -> list[dict]:
     return rows
 
 
-KERNEL_SWEEP = [(128, 4, 3), (64, 4, 3), (128, 8, 3), (64, 8, 3)]
+#: block_n, num_warps, num_stages, maxnreg (a register cap lets 3 programs share an SM)
+KERNEL_SWEEP = [(128, 4, 3, None), (64, 4, 3, None), (128, 8, 3, None), (64, 8, 3, None),
+                (64, 4, 3, 168), (64, 8, 3, 128)]
 
 
 def kernel_part(gen) -> list[dict]:
@@ -128,16 +130,16 @@ def kernel_part(gen) -> list[dict]:
         ms = ms_of(functools.partial(legacy_quant_attention, q, k, v, pv_dtype="fp16"))
         rows.append(dict(table="dense", shape=name, impl="legacy fp16", ms=ms,
                          tops=ops / ms / 1e9, vs_cudnn=base / ms))
-        variants = [("bf16", c) for c in KERNEL_SWEEP] + [("fp16", (None, None, None))]
-        for pv, (bn, nw, ns) in variants:
+        variants = [("bf16", c) for c in KERNEL_SWEEP] + [("fp16", (None,) * 4)]
+        for pv, (bn, nw, ns, reg) in variants:
             fn = functools.partial(quant_attention, q, k, v, pv_dtype=pv, block_n=bn,
-                                   num_warps=nw, num_stages=ns)
+                                   num_warps=nw, num_stages=ns, maxnreg=reg)
             try:
                 ms = ms_of(fn)
             except Exception as exc:  # noqa: BLE001 - a config may not fit
                 print(f"{name} {pv} bn{bn} w{nw} s{ns}: {str(exc)[:160]}")
                 continue
-            cfg = "default" if bn is None else f"bn{bn} w{nw} s{ns}"
+            cfg = "default" if bn is None else f"bn{bn} w{nw} s{ns}" + (f" r{reg}" if reg else "")
             rows.append(dict(table="dense", shape=name, impl=f"new {pv} {cfg}", ms=ms,
                              tops=ops / ms / 1e9, vs_cudnn=base / ms))
             print(rows[-1], flush=True)

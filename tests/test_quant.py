@@ -400,3 +400,15 @@ def test_tile_shape_follows_the_kept_area_and_the_kernel_speed():
     pred = fs.Mask.from_tiles(torch.ones(8, 16, dtype=torch.bool), (128, 64))
     pred.native_block_size = (128, 64)
     assert _tile_choice(pred, 1024, 64) == (128, 64)
+
+
+def test_row_order_puts_the_longest_query_tiles_first():
+    from flexsparse.kernels.quant import PARTIAL_COST, row_order
+
+    full = torch.tensor([[[1, 5, 0, 5], [2, 0, 0, 1]]], dtype=torch.int32)  # [1, 2, 4]
+    part = torch.tensor([[[0, 0, 4, 0], [0, 0, 0, 0]]], dtype=torch.int32)
+    order = row_order(full, part)
+    work = (full + PARTIAL_COST * part).sum(dim=(0, 1))  # 3, 5, 6.4, 6
+    assert order.dtype == torch.int32
+    assert order.tolist() == [2, 3, 1, 0]
+    assert torch.equal(work[order.long()], work.sort(descending=True).values)

@@ -168,7 +168,8 @@ def _attn_block(
 
 @triton.jit
 def _attn(
-    Q, K, V, Qs, Ks, Vs, Out, FullNum, FullIdx, PartNum, PartIdx, PartOff, Bits, Pvt,
+    Q, K, V, Qs, Ks, Vs, Out, FullNum, FullIdx, PartNum, PartIdx, PartOff, Bits, RowOrder,
+    Pvt,
     svb, svh, sob, soh, son, V_ROW, V_COL,
     snb, snh, sib, sih, siq,
     HQ, GROUP, N_Q, N_KV, NQ_PAD, NK_PAD, Q_OFF, NQB, NKB, NKT,
@@ -184,12 +185,15 @@ def _attn(
     MODE 2: FullNum/PartNum [Bm, Hm, Qb] and FullIdx/PartIdx [Bm, Hm, Qb, KVb] are the
     BlockMask's ``full_kv_*`` / ``kv_*`` lists (one set of strides: both come from one
     BlockMask); PartOff [Bm, Hm, Qb] int64 the first partial entry of each list in Bits,
-    int32 [P, BLOCK_M, TILE_N // 32] (bit c of word w: column 32 w + c of the tile).
+    int32 [P, BLOCK_M, TILE_N // 32] (bit c of word w: column 32 w + c of the tile);
+    RowOrder [NQB] int32 the query tiles by decreasing work, taken in that order.
     """
     pid_m = tl.program_id(0)
+    # The longest rows first, so the short ones fill the tail of the grid.
     if MODE == 1:
-        # Causal: the longest rows first, so the short ones fill the tail of the grid.
         pid_m = NQB - 1 - pid_m
+    if MODE == 2:
+        pid_m = tl.load(RowOrder + pid_m)
     bh = tl.program_id(1)
     b = bh // HQ
     h = bh % HQ
