@@ -5,6 +5,7 @@ and the legacy kernel (``flexsparse.kernels._legacy``, the kernel of 2026-11-24)
     python benchmarks/quant.py --part sparse   # radial (block and token), meansim, accuracy
     python benchmarks/quant.py --part partial  # partial-tile bits: old vs new, crossover
     python benchmarks/quant.py --part kernel   # configs, V in place, radial tile shapes
+    python benchmarks/quant.py --part order    # query tiles by decreasing work vs index order
 
 Effective TOPS = 4 * B * H * Nq * Nk * D * density / time. Writes ``$OUT/quant_<part>.json``
 and ``.md`` when ``OUT`` is set.
@@ -173,6 +174,46 @@ def kernel_part(gen) -> list[dict]:
                              ms=ms, vs_cudnn=base / ms))
         del q, k, v
         torch.cuda.empty_cache()
+    return rows
+
+
+def order_part(gen) -> list[dict]:
+    """Query tiles in decreasing-work order (``quant.ROW_ORDER``) against index order, in
+    alternating rounds on one machine: radial maps and a meansim map (128 x 64 tiles)."""
+    from meansim import video_like
+
+    import flexsparse.kernels.quant as Q
+
+    cases = {}
+    for name in ("cogvideox-2b 49f", "hunyuan 117f"):
+        model, f, hgt, wid, decay, b, h, d = RADIAL[name]
+        lay = fs.VideoLayout.from_video(f, hgt, wid, model)
+        n = lay.frames * lay.tokens_per_frame + lay.text_tokens
+        qkv = [torch.randn(b, h, n, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+               for _ in range(3)]
+        cases[name] = (qkv, masks.radial(lay, decay, model).block_mask(
+            n, n, device="cuda", block_size=128, noop=True))
+    q, k, v = video_like(0, "cuda")
+    bound = masks.meansim(simthreshd1=0.35, cdfthreshd=0.98).bind(q, k)
+    n = q.shape[2]
+    cases["meansim 0.35/0.98"] = ([q, k, v], bound.block_mask(
+        n, n, device="cuda", block_size=(128, 64), noop=True, heads=bound.heads,
+        batch=bound.batch))
+    rows = []
+    for name, ((q, k, v), bm) in cases.items():
+        tile_lists(bm)
+        fn = functools.partial(quant_attention, q, k, v, block_mask=bm)
+        times = {True: [], False: []}
+        for _ in range(3):
+            for flag in (True, False):
+                Q.ROW_ORDER = flag
+                times[flag].append(ms_of(fn))
+        Q.ROW_ORDER = True
+        for flag, label in ((True, "decreasing work"), (False, "index order")):
+            rows.append(dict(table="order", case=name, impl=label,
+                             ms=sorted(times[flag])[1], rounds=" / ".join(
+                                 f"{t:.2f}" for t in times[flag])))
+            print(rows[-1], flush=True)
     return rows
 
 
@@ -370,7 +411,8 @@ def partial_part(gen, flex) -> list[dict]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["dense", "sparse", "meansim", "partial", "kernel"],
+    ap.add_argument("--part", choices=["dense", "sparse", "meansim", "partial", "kernel",
+                                       "order"],
                     default="dense")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -381,6 +423,9 @@ def main() -> int:
     if args.part == "dense":
         rows = dense_part(gen, pvs)
         cols = ["shape", "impl", "ms", "tops", "vs_cudnn"]
+    elif args.part == "order":
+        rows = order_part(gen)
+        cols = None
     elif args.part == "kernel":
         rows = kernel_part(gen)
         cols = ["shape", "impl", "ms", "tops", "vs_cudnn"]
@@ -407,6 +452,7 @@ def main() -> int:
         ("crossover", ["case", "density", "tiles_kept", "partial_frac", "quant_ms", "flex_ms",
                        "cudnn_ms", "quant_vs_cudnn", "quant_vs_flex"]),
         ("accuracy", ["case", "impl", "rel_l2", "cosine", "ok"]),
+        ("order", ["case", "impl", "ms", "rounds"]),
         ("meansim", ["case", "impl", "skipped", "predict_ms", "pred_pct", "kernel_ms",
                      "total_ms", "cudnn_ms", "vs_cudnn", "rel_l1"]),
     ):

@@ -71,6 +71,10 @@ MAX_BITS_BYTES = 512 << 20
 #: Partial tiles: one word load per score element (True, the first version) or each
 #: row's words once (False). Benchmarks flip it to compare the two in one run.
 BITS_GATHER = False
+#: Query tiles of a tile list in ``row_order`` (False: index order). Benchmarks flip it.
+ROW_ORDER = True
+#: Max over mean work per query tile above which ``row_order`` puts the longest first.
+ROW_IMBALANCE = 2.5
 
 # -- quantization helpers (PyTorch, any device) --------------------------------------------
 
@@ -240,14 +244,23 @@ def tile_lists(block_mask) -> TileLists:
 
 
 def row_order(full_num: Tensor, part_num: Tensor) -> Tensor:
-    """int32 ``[Qb]``: query tiles by decreasing kept tiles summed over batch and heads
-    (partial ones weighted by ``PARTIAL_COST``), ties by index.
+    """int32 ``[Qb]``: the order the kernel's programs take the query tiles in.
 
-    Programs start in grid order, so the longest rows go first and short ones fill the
-    tail: HunyuanVideo's 256 text rows see all 115k keys, 3.6x the mean row, and run last
-    in index order (text comes last there)."""
+    Programs start in grid order, so when a few rows carry far more kept tiles than the
+    mean (``ROW_IMBALANCE`` times or more; tiles summed over batch and heads, partial ones
+    weighted by ``PARTIAL_COST``) the longest go first and short ones fill the tail:
+    HunyuanVideo's 256 text rows see all 115k keys, 3.6x the mean row, and come last in
+    index order. Other maps keep index order, whose neighbouring rows share key tiles.
+    Measured on two H100s of two runs (no same-machine comparison yet; ``benchmarks/
+    quant.py --part order`` makes one): HunyuanVideo radial 117 f 26.2 ms in index order,
+    24.4 ms reordered; but CogVideoX-2b radial (1.9x) 6.11 / 6.47 ms and meansim maps
+    (1.6-1.9x) 8.73 / 9.80 ms, so those stay in index order."""
     work = (full_num.float() + PARTIAL_COST * part_num.float()).sum(dim=(0, 1))
-    return torch.sort(-work, stable=True).indices.to(torch.int32).contiguous()
+    lpt = torch.sort(-work, stable=True).indices
+    index = torch.arange(work.numel(), device=work.device)
+    # where, not an if: no host read of the map
+    skewed = work.max() >= ROW_IMBALANCE * work.mean()
+    return torch.where(skewed, lpt, index).to(torch.int32).contiguous()
 
 
 def _mode_of(mask) -> str:
@@ -646,7 +659,8 @@ def quant_attention(
         siq = lists.full_idx.stride(2)
         tl_args = (lists.full_num, lists.full_idx, lists.part_num, lists.part_idx,
                    lists.part_off, lists.bits if lists.n_partial else lists.full_num,
-                   lists.row_order)
+                   lists.row_order if ROW_ORDER else torch.arange(
+                       nqb, dtype=torch.int32, device=dev))
     else:
         mode = 1 if causal else 0
         snb = snh = sib = sih = siq = 0
