@@ -251,10 +251,11 @@ def row_order(full_num: Tensor, part_num: Tensor) -> Tensor:
     weighted by ``PARTIAL_COST``) the longest go first and short ones fill the tail:
     HunyuanVideo's 256 text rows see all 115k keys, 3.6x the mean row, and come last in
     index order. Other maps keep index order, whose neighbouring rows share key tiles.
-    Measured on two H100s of two runs (no same-machine comparison yet; ``benchmarks/
-    quant.py --part order`` makes one): HunyuanVideo radial 117 f 26.2 ms in index order,
-    24.4 ms reordered; but CogVideoX-2b radial (1.9x) 6.11 / 6.47 ms and meansim maps
-    (1.6-1.9x) 8.73 / 9.80 ms, so those stay in index order."""
+    Measured across runs, not yet on one machine (``benchmarks/quant.py --part order``
+    compares on one): HunyuanVideo radial 117 f 26.2 ms in index order, 24.4-24.5 ms
+    reordered (H100, H200); for the CogVideoX-2b radial (1.9x) and meansim maps (1.6-1.9x)
+    reordering gave the same time on an H200 and 5-12 % more on another H100, so those
+    stay in index order until a same-machine comparison says otherwise."""
     work = (full_num.float() + PARTIAL_COST * part_num.float()).sum(dim=(0, 1))
     lpt = torch.sort(-work, stable=True).indices
     index = torch.arange(work.numel(), device=work.device)
