@@ -82,19 +82,29 @@ def fp32_ref(q, k, v, dense_mask):
     return out
 
 
+def dense_peers(gen, name, shape, legacy_pvs) -> tuple:
+    """Random bf16 ``q, k, v`` of ``shape`` and the rows of its peers, cuDNN and the legacy
+    kernel (one row per P·V dtype): ``(q, k, v, ops, cudnn_ms, rows)``."""
+    b, h, n, d = shape
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+               for _ in range(3))
+    ops = 4.0 * b * h * n * n * d
+    base = ms_of(functools.partial(cudnn, q, k, v))
+    rows = [dict(table="dense", shape=name, impl="cudnn bf16", ms=base, tops=ops / base / 1e9,
+                 vs_cudnn=1.0)]
+    for pv in legacy_pvs:
+        ms = ms_of(functools.partial(legacy_quant_attention, q, k, v, pv_dtype=pv))
+        rows.append(dict(table="dense", shape=name, impl=f"legacy {pv}", ms=ms,
+                         tops=ops / ms / 1e9, vs_cudnn=base / ms))
+    return q, k, v, ops, base, rows
+
+
 def dense_part(gen, pvs) -> list[dict]:
     rows = []
-    for name, (b, h, n, d) in DENSE.items():
-        q, k, v = (torch.randn(b, h, n, d, device="cuda", generator=gen, dtype=torch.bfloat16)
-                   for _ in range(3))
-        ops = 4.0 * b * h * n * n * d
-        base = ms_of(functools.partial(cudnn, q, k, v))
-        rows.append(dict(table="dense", shape=name, impl="cudnn bf16", ms=base,
-                         tops=ops / base / 1e9, vs_cudnn=1.0))
+    for name, shape in DENSE.items():
+        q, k, v, ops, base, peers = dense_peers(gen, name, shape, pvs)
+        rows += peers
         for pv in pvs:
-            ms = ms_of(functools.partial(legacy_quant_attention, q, k, v, pv_dtype=pv))
-            rows.append(dict(table="dense", shape=name, impl=f"legacy {pv}", ms=ms,
-                             tops=ops / ms / 1e9, vs_cudnn=base / ms))
             for bn, nw, ns in SWEEP:
                 fn = functools.partial(quant_attention, q, k, v, pv_dtype=pv, block_n=bn,
                                        num_warps=nw, num_stages=ns)
@@ -121,16 +131,9 @@ def kernel_part(gen) -> list[dict]:
     dense shapes; accuracy on random and structured inputs; radial maps at both tile
     shapes."""
     rows = []
-    for name, (b, h, n, d) in DENSE.items():
-        q, k, v = (torch.randn(b, h, n, d, device="cuda", generator=gen, dtype=torch.bfloat16)
-                   for _ in range(3))
-        ops = 4.0 * b * h * n * n * d
-        base = ms_of(functools.partial(cudnn, q, k, v))
-        rows.append(dict(table="dense", shape=name, impl="cudnn bf16", ms=base,
-                         tops=ops / base / 1e9, vs_cudnn=1.0))
-        ms = ms_of(functools.partial(legacy_quant_attention, q, k, v, pv_dtype="fp16"))
-        rows.append(dict(table="dense", shape=name, impl="legacy fp16", ms=ms,
-                         tops=ops / ms / 1e9, vs_cudnn=base / ms))
+    for name, shape in DENSE.items():
+        q, k, v, ops, base, peers = dense_peers(gen, name, shape, ["fp16"])
+        rows += peers
         variants = [("bf16", c) for c in KERNEL_SWEEP] + [("fp16", (None,) * 4)]
         for pv, (bn, nw, ns, reg) in variants:
             fn = functools.partial(quant_attention, q, k, v, pv_dtype=pv, block_n=bn,
