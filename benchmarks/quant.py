@@ -40,6 +40,16 @@ RADIAL = {  # name: model, frames, height, width, decay, batch, heads, head_dim
 }
 
 
+def radial_inputs(gen, name: str) -> tuple:
+    """``(layout, tokens, q, k, v)`` of the radial case ``name`` (``RADIAL``): random bf16."""
+    model, f, hgt, wid, _, b, h, d = RADIAL[name]
+    lay = fs.VideoLayout.from_video(f, hgt, wid, model)
+    n = lay.frames * lay.tokens_per_frame + lay.text_tokens
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+               for _ in range(3))
+    return lay, n, q, k, v
+
+
 def ms_of(fn) -> float:
     return cuda_ms(fn, warmup=3, reps=10)
 
@@ -160,11 +170,9 @@ def kernel_part(gen) -> list[dict]:
                 err, cos = rel(quant_attention(q, k, v), fp32_ref(q, k, v, None))
                 rows.append(dict(table="accuracy", case=f"{kind} D{d} {dt}", impl="auto",
                                  rel_l2=err, cosine=cos, ok=err <= 3e-2 and cos >= 0.999))
-    for name, (model, f, hgt, wid, decay, b, h, d) in RADIAL.items():
-        lay = fs.VideoLayout.from_video(f, hgt, wid, model)
-        n = lay.frames * lay.tokens_per_frame + lay.text_tokens
-        q, k, v = (torch.randn(b, h, n, d, device="cuda", generator=gen, dtype=torch.bfloat16)
-                   for _ in range(3))
+    for name in RADIAL:
+        model, decay = RADIAL[name][0], RADIAL[name][4]
+        lay, n, q, k, v = radial_inputs(gen, name)
         base = ms_of(functools.partial(cudnn, q, k, v))
         rows.append(dict(table="radial", case=name, impl="cudnn bf16 dense", ms=base,
                          vs_cudnn=1.0))
@@ -189,11 +197,8 @@ def order_part(gen) -> list[dict]:
 
     cases = {}
     for name in ("cogvideox-2b 49f", "hunyuan 117f"):
-        model, f, hgt, wid, decay, b, h, d = RADIAL[name]
-        lay = fs.VideoLayout.from_video(f, hgt, wid, model)
-        n = lay.frames * lay.tokens_per_frame + lay.text_tokens
-        qkv = [torch.randn(b, h, n, d, device="cuda", generator=gen, dtype=torch.bfloat16)
-               for _ in range(3)]
+        model, decay = RADIAL[name][0], RADIAL[name][4]
+        lay, n, *qkv = radial_inputs(gen, name)
         cases[name] = (qkv, masks.radial(lay, decay, model).block_mask(
             n, n, device="cuda", block_size=128, noop=True))
     q, k, v = video_like(0, "cuda")
@@ -222,11 +227,8 @@ def order_part(gen) -> list[dict]:
 
 def sparse_part(gen, pvs, flex) -> list[dict]:
     rows = []
-    for name, (model, f, hgt, wid, decay, b, h, d) in RADIAL.items():
-        lay = fs.VideoLayout.from_video(f, hgt, wid, model)
-        n = lay.frames * lay.tokens_per_frame + lay.text_tokens
-        q, k, v = (torch.randn(b, h, n, d, device="cuda", generator=gen, dtype=torch.bfloat16)
-                   for _ in range(3))
+    for name, (model, _, _, _, decay, b, h, d) in RADIAL.items():
+        lay, n, q, k, v = radial_inputs(gen, name)
         ops = 4.0 * b * h * n * n * d
         base = ms_of(functools.partial(cudnn, q, k, v))
         rows.append(dict(table="radial", case=name, impl="cudnn bf16 dense", ms=base,
@@ -345,12 +347,9 @@ def partial_part(gen, flex) -> list[dict]:
         total = lists.full_num.shape[-1] * -(-bm.seq_lengths[1] // bm.BLOCK_SIZE[1])
         return (part + full) / total, part / max(1, part + full)
 
-    cases = [(name, RADIAL[name]) for name in ("cogvideox-2b 49f", "wan 69f")]
-    for name, (model, f, hgt, wid, decay, b, h, d) in cases:
-        lay = fs.VideoLayout.from_video(f, hgt, wid, model)
-        n = lay.frames * lay.tokens_per_frame + lay.text_tokens
-        q, k, v = (torch.randn(b, h, n, d, device="cuda", generator=gen, dtype=torch.bfloat16)
-                   for _ in range(3))
+    for name in ("cogvideox-2b 49f", "wan 69f"):
+        model, decay = RADIAL[name][0], RADIAL[name][4]
+        lay, n, q, k, v = radial_inputs(gen, name)
         base = ms_of(functools.partial(cudnn, q, k, v))
         rows.append(dict(table="partial", case=name, impl="cudnn bf16 dense", ms=base,
                          vs_cudnn=1.0))

@@ -56,10 +56,10 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #:   traded for speed: dropped only when it keeps every tile.
 #:
 #: The thresholds sit just below the break-even points, since dropping a prediction is
-#: also the more accurate answer. The predictor's own time (0.43-0.47 ms with the CUDA-graph
-#: predictor, 3.8-4.1 % of cuDNN, H100, benchmarks/results/meansim_auto.md) is spent before
-#: this decision, which is taken from the predicted map (one count, one host read) before
-#: any BlockMask is built; it counts in the benchmark's comparisons.
+#: also the more accurate answer. The predictor's own time (0.40-0.47 ms with the CUDA-graph
+#: predictor, 3.5-4.1 % of cuDNN; H100 and H200, BENCHMARKS.md, 2026-11-25 afternoon) is
+#: spent before this decision, which is taken from the predicted map (one count, one host
+#: read) before any BlockMask is built; it counts in the benchmark's comparisons.
 DENSE_CROSSOVER = {"flex": 0.8, "quant": 0.9, "sdpa": 1.0}
 
 

@@ -71,6 +71,14 @@ MAX_BITS_BYTES = 512 << 20
 #: Partial tiles: one word load per score element (True, the first version) or each
 #: row's words once (False). Benchmarks flip it to compare the two in one run.
 BITS_GATHER = False
+#: Relative speed of the kernel on tile lists per (head_dim, tile_n) at its ``CONFIGS``,
+#: and the cost of a partial tile relative to a full one: what ``_tile_size`` weighs tile
+#: maps with. Measured on an H100, 2026-11-25 (``benchmarks/quant.py --part kernel``,
+#: radial block maps, which keep the same tiles at both shapes; 128 x 128 / 128 x 64 ms:
+#: D=64 CogVideoX-2b 6.30 / 6.55, D=128 Wan 69 f 13.2 / 13.6, HunyuanVideo 117 f
+#: 25.7 / 28.1; partial tiles ~1.6x a full one, docs/kernel_notes.md).
+TILE_SPEED = {(64, 128): 1.0, (64, 64): 0.96, (128, 128): 1.0, (128, 64): 0.94}
+PARTIAL_COST = 1.6
 #: Query tiles of a tile list in ``row_order`` (False: index order). Benchmarks flip it.
 ROW_ORDER = True
 #: Max over mean work per query tile above which ``row_order`` puts the longest first.
@@ -309,7 +317,7 @@ def default_pv_dtype(dtype: torch.dtype) -> str:
 
     FP8 P carries 3 mantissa bits: on inputs with flat attention (random data) P and V
     rounding give ~3.6 % relative L2 error, over the 3e-2 budget, so FP8 is opt-in
-    (e4m3 rounding of P alone is 2.6 %, of V alone another 2.6 %; BENCHMARKS.md)."""
+    (e4m3 rounding of P alone is 2.6 %, of V alone 2.7 %; docs/kernel_notes.md)."""
     return "bf16" if dtype == torch.bfloat16 else "fp16"
 
 
@@ -688,14 +696,6 @@ def quant_attention(
 # -- the backend ---------------------------------------------------------------------------
 
 
-#: Relative speed of the kernel on tile lists per (head_dim, tile_n) at its ``CONFIGS``,
-#: and the cost of a partial tile relative to a full one: what ``_tile_size`` weighs tile
-#: maps with. Measured on an H100, 2026-11-25 (``benchmarks/quant.py --part kernel``,
-#: radial block maps, which keep the same tiles at both shapes; 128 x 128 / 128 x 64 ms:
-#: D=64 CogVideoX-2b 6.30 / 6.55, D=128 Wan 69 f 13.2 / 13.6, HunyuanVideo 117 f
-#: 25.7 / 28.1; partial tiles ~1.6x a full one, docs/kernel_notes.md).
-TILE_SPEED = {(64, 128): 1.0, (64, 64): 0.96, (128, 128): 1.0, (128, 64): 0.94}
-PARTIAL_COST = 1.6
 
 
 def _tile_size(call) -> tuple[int, int]:

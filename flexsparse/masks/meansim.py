@@ -467,12 +467,14 @@ def _graph_predict(q: Tensor, k: Tensor, mask: MeansimMask) -> Tensor | None:
 def _run_predict(mask: MeansimMask, q: Tensor, k: Tensor) -> Tensor:
     global _compiled, _failed
     args = (mask.block_q, mask.block_kv, mask.causal, mask.attention_sink, mask.smooth_k)
-    if q.is_cuda and _use_graph(q):
+    graph = q.is_cuda and _use_graph(q)
+    if graph:
         key = _graph_key(q, k, mask)
         if _want_compile(q, k, key):
             kept = _graph_predict(q, k, mask)
             if kept is not None:
                 return kept
+            graph = not _graph_failed  # a failed capture hands over to torch.compile
     heads, dev = q.shape[1], q.device
     sim1 = _per_head("simthreshd1", mask._on(mask.simthreshd1, dev), heads, dev)
     cdf = None if mask.cdfthreshd is None else _per_head(
@@ -480,7 +482,7 @@ def _run_predict(mask: MeansimMask, q: Tensor, k: Tensor) -> Tensor:
     top = None if mask.topk is None else _per_head("topk", mask._on(mask.topk, dev), heads, dev)
     key = (tuple(q.shape), tuple(k.shape), q.stride(), k.stride(), q.dtype, k.dtype,
            str(q.device), cdf is None, args[3:])
-    if not (q.is_cuda and _use_graph(q)) and _want_compile(q, k, key):
+    if not graph and _want_compile(q, k, key):
         if _compiled is None:
             _compiled = torch.compile(_predict, dynamic=False)
         try:
