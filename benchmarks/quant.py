@@ -6,6 +6,9 @@ and the legacy kernel (``flexsparse.kernels._legacy``, the kernel of 2026-11-24)
     python benchmarks/quant.py --part partial  # partial-tile bits: old vs new, crossover
     python benchmarks/quant.py --part kernel   # configs, V in place, radial tile shapes
     python benchmarks/quant.py --part order    # query tiles by decreasing work vs index order
+    python benchmarks/quant.py --part lists    # where a tile-list call's time goes (2b, D=64)
+    python benchmarks/quant.py --part host     # host profile of fs.attention calls
+    python benchmarks/quant.py --part d128     # launch variants on the Wan radial map
 
 Effective TOPS = 4 * B * H * Nq * Nk * D * density / time. Writes ``$OUT/quant_<part>.json``
 and ``.md`` when ``OUT`` is set.
@@ -196,7 +199,7 @@ def order_part(gen) -> list[dict]:
     import flexsparse.kernels.quant as Q
 
     cases = {}
-    for name in ("cogvideox-2b 49f", "hunyuan 117f"):
+    for name in ("cogvideox-2b 49f", "wan 69f", "hunyuan 117f"):
         model, decay = RADIAL[name][0], RADIAL[name][4]
         lay, n, *qkv = radial_inputs(gen, name)
         cases[name] = (qkv, masks.radial(lay, decay, model).block_mask(
@@ -212,16 +215,193 @@ def order_part(gen) -> list[dict]:
         tile_lists(bm)
         fn = functools.partial(quant_attention, q, k, v, block_mask=bm)
         times = {True: [], False: []}
+        keep = Q.ROW_IMBALANCE
         for _ in range(3):
             for flag in (True, False):
-                Q.ROW_ORDER = flag
+                # decreasing work on every map (threshold 0) against index order
+                Q.ROW_ORDER, Q.ROW_IMBALANCE = flag, 0.0
+                Q._LISTS.pop(bm, None)
                 times[flag].append(ms_of(fn))
-        Q.ROW_ORDER = True
+        Q.ROW_ORDER, Q.ROW_IMBALANCE = True, keep
+        Q._LISTS.pop(bm, None)
         for flag, label in ((True, "decreasing work"), (False, "index order")):
             rows.append(dict(table="order", case=name, impl=label,
                              ms=sorted(times[flag])[1], rounds=" / ".join(
                                  f"{t:.2f}" for t in times[flag])))
             print(rows[-1], flush=True)
+    return rows
+
+
+#: Launch variants of ``--part lists``: query rows per program (block_m), key rows per step,
+#: warps, pipeline stages, register cap. None: the default (``quant.CONFIGS``).
+LIST_VARIANTS = {
+    "default": {},
+    "bm64 bn64 w4 s3": dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
+    "bm64 bn64 w4 s2": dict(block_m=64, block_n=64, num_warps=4, num_stages=2),
+    "bm64 bn128 w4 s2": dict(block_m=64, block_n=128, num_warps=4, num_stages=2),
+    "bm64 bn128 w4 s3": dict(block_m=64, block_n=128, num_warps=4, num_stages=3),
+    "bm128 bn64 w4 s3 r168": dict(block_m=128, block_n=64, num_warps=4, num_stages=3,
+                                  maxnreg=168),
+}
+
+
+def lists_part(gen) -> list[dict]:
+    """Where the time of a tile-list call goes, per launch variant (``LIST_VARIANTS``): the
+    kernel alone on a pre-built BlockMask (dense, all tiles kept, meansim and radial maps)
+    in effective TOPS over the kept tiles, against the whole ``fs.attention`` call
+    (predict, lower, launch) and cuDNN. CogVideoX-2b shape (D=64, meansim's video-like
+    inputs), then Wan and HunyuanVideo radial maps (D=128, random inputs)."""
+    from meansim import video_like
+
+    rows = []
+
+    def run(case, impl, kept, fn, ops, base):
+        try:
+            ms = ms_of(fn)
+        except Exception as exc:  # noqa: BLE001 - a variant may not fit (shared memory)
+            print(f"{case} {impl}: {str(exc)[:160]}", flush=True)
+            return
+        rows.append(dict(table="lists", case=case, impl=impl, kept=kept, ms=ms,
+                         tops=ops * kept / ms / 1e9, vs_cudnn=base / ms))
+        print(rows[-1], flush=True)
+
+    def variants(case, kept, q, k, v, ops, base, tile_n=128, **kw):
+        for label, var in LIST_VARIANTS.items():
+            var = dict(var)
+            if var.get("block_n", 0) > tile_n:
+                continue
+            run(case, f"kernel {label}", kept,
+                functools.partial(quant_attention, q, k, v, **kw, **var), ops, base)
+
+    def kept_of(bm, tile, n):
+        lists = tile_lists(bm)
+        return ((lists.full_num.sum() + lists.part_num.sum()).item()
+                / (lists.full_num.numel() * -(-n // tile[1])))
+
+    q, k, v = video_like(0, "cuda")
+    b, h, n, d = q.shape
+    ops = 4.0 * b * h * n * n * d
+    base = ms_of(functools.partial(cudnn, q, k, v))
+    rows.append(dict(table="lists", case="2b dense", impl="cudnn", kept=1.0, ms=base,
+                     tops=ops / base / 1e9, vs_cudnn=1.0))
+    variants("2b dense", 1.0, q, k, v, ops, base)
+    lay = fs.VideoLayout.from_video(49, 480, 720, "cogvideox")
+    radial = masks.radial(lay, 1.0, "cogvideox")
+    cases = {}
+    for tile in ((128, 64), (128, 128)):
+        ones = torch.ones(-(-n // tile[0]), -(-n // tile[1]), dtype=torch.bool)
+        cases[f"2b all kept {tile[0]}x{tile[1]}"] = (
+            fs.Mask.from_tiles(ones, tile, length=n), tile, None)
+        cases[f"2b radial {tile[0]}x{tile[1]}"] = (radial, tile, radial)
+    for sim, cdf in ((0.6, 0.98), (0.35, 0.98)):
+        dyn = masks.meansim(simthreshd1=sim, cdfthreshd=cdf)
+        cases[f"2b meansim {sim}/{cdf}"] = (dyn.bind(q, k), (128, 64), dyn)
+    for name, (mask, tile, whole) in cases.items():
+        bm = mask.block_mask(n, n, device="cuda", block_size=tile, noop=True,
+                             heads=mask.heads, batch=mask.batch)
+        kept = kept_of(bm, tile, n)
+        variants(name, kept, q, k, v, ops, base, tile_n=tile[1], block_mask=bm)
+        if whole is not None:
+            for backend in ("quant", "auto"):
+                run(name, f"fs.attention {backend}", kept, functools.partial(
+                    fs.attention, q, k, v, mask=whole, backend=backend), ops, base)
+    del q, k, v
+    for name in ("wan 69f", "hunyuan 117f"):
+        model, decay = RADIAL[name][0], RADIAL[name][4]
+        lay, n, q, k, v = radial_inputs(gen, name)
+        b, h, _, d = q.shape
+        ops = 4.0 * b * h * n * n * d
+        base = ms_of(functools.partial(cudnn, q, k, v))
+        rows.append(dict(table="lists", case=f"{name} dense", impl="cudnn", kept=1.0,
+                         ms=base, tops=ops / base / 1e9, vs_cudnn=1.0))
+        if name.startswith("wan"):
+            variants(f"{name} dense", 1.0, q, k, v, ops, base)
+        mask = masks.radial(lay, decay, model)
+        for tile in ((128, 128), (128, 64)):
+            bm = mask.block_mask(n, n, device="cuda", block_size=tile, noop=True)
+            variants(f"{name} radial {tile[0]}x{tile[1]}", kept_of(bm, tile, n), q, k, v,
+                     ops, base, tile_n=tile[1], block_mask=bm)
+        run(f"{name} radial", "fs.attention auto", kept_of(bm, tile, n), functools.partial(
+            fs.attention, q, k, v, mask=mask, backend="auto"), ops, base)
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
+#: Launch variants of ``--part d128`` (see ``LIST_VARIANTS``).
+D128_VARIANTS = {
+    "default": {},
+    "bn64 w4 s2": dict(block_n=64, num_warps=4, num_stages=2),
+    "bn64 w4 s4": dict(block_n=64, num_warps=4, num_stages=4),
+    "bn32 w4 s3": dict(block_n=32, num_warps=4, num_stages=3),
+    "bn64 w8 s3 r128": dict(block_n=64, num_warps=8, num_stages=3, maxnreg=128),
+    "bn128 w8 s2": dict(block_n=128, num_warps=8, num_stages=2),
+}
+
+
+def d128_part(gen) -> list[dict]:
+    """Launch variants (``D128_VARIANTS``) on the Wan 69 f radial map at both tile shapes,
+    kernel alone on a pre-built BlockMask, against cuDNN dense."""
+    name = "wan 69f"
+    model, decay = RADIAL[name][0], RADIAL[name][4]
+    lay, n, q, k, v = radial_inputs(gen, name)
+    base = ms_of(functools.partial(cudnn, q, k, v))
+    rows = [dict(table="lists", case=f"{name} dense", impl="cudnn", ms=base, vs_cudnn=1.0)]
+    mask = masks.radial(lay, decay, model)
+    for tile in ((128, 128), (128, 64)):
+        bm = mask.block_mask(n, n, device="cuda", block_size=tile, noop=True)
+        tile_lists(bm)
+        for label, var in D128_VARIANTS.items():
+            if var.get("block_n", 0) > tile[1]:
+                continue
+            try:
+                ms = ms_of(functools.partial(quant_attention, q, k, v, block_mask=bm, **var))
+            except Exception as exc:  # noqa: BLE001 - a variant may not fit
+                print(f"{label}: {str(exc)[:160]}", flush=True)
+                continue
+            rows.append(dict(table="lists", case=f"{name} radial {tile[0]}x{tile[1]}",
+                             impl=f"kernel {label}", ms=ms, vs_cudnn=base / ms))
+            print(rows[-1], flush=True)
+    return rows
+
+
+def host_part(gen) -> list[dict]:
+    """Host time of whole ``fs.attention`` calls (meansim and radial maps): wall time per
+    call with the GPU synchronised, the kernel's own time, and the functions where the
+    host spends it (cProfile, printed)."""
+    import cProfile
+    import pstats
+
+    from common import wall_ms
+    from meansim import video_like
+
+    q, k, v = video_like(0, "cuda")
+    n = q.shape[2]
+    lay = fs.VideoLayout.from_video(49, 480, 720, "cogvideox")
+    cases = {"meansim 0.35/0.98 quant": (masks.meansim(0.35, cdfthreshd=0.98), "quant"),
+             "meansim 0.6/0.98 auto": (masks.meansim(0.6, cdfthreshd=0.98), "auto"),
+             "radial 2b auto": (masks.radial(lay, 1.0, "cogvideox"), "auto")}
+    rows = []
+    for name, (mask, backend) in cases.items():
+        def call(mask=mask, backend=backend):
+            return fs.attention(q, k, v, mask=mask, backend=backend)
+
+        for _ in range(3):
+            call()
+        wall = wall_ms(call, reps=10)
+        gpu = ms_of(call)
+        prof = cProfile.Profile()
+        torch.cuda.synchronize()
+        prof.enable()
+        for _ in range(10):
+            call()
+        torch.cuda.synchronize()
+        prof.disable()
+        print(f"\n#### {name}: wall {wall:.2f} ms per call (synchronised), events {gpu:.2f} ms")
+        stats = pstats.Stats(prof)
+        stats.sort_stats("tottime").print_stats(18)
+        stats.sort_stats("cumulative").print_stats(30)
+        rows.append(dict(table="host", case=name, wall_ms=wall, events_ms=gpu, n=n))
     return rows
 
 
@@ -414,7 +594,7 @@ def partial_part(gen, flex) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=["dense", "sparse", "meansim", "partial", "kernel",
-                                       "order"],
+                                       "order", "lists", "host", "d128"],
                     default="dense")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -427,6 +607,15 @@ def main() -> int:
         cols = ["shape", "impl", "ms", "tops", "vs_cudnn"]
     elif args.part == "order":
         rows = order_part(gen)
+        cols = None
+    elif args.part == "d128":
+        rows = d128_part(gen)
+        cols = None
+    elif args.part == "host":
+        rows = host_part(gen)
+        cols = None
+    elif args.part == "lists":
+        rows = lists_part(gen)
         cols = None
     elif args.part == "kernel":
         rows = kernel_part(gen)
@@ -455,6 +644,9 @@ def main() -> int:
                        "cudnn_ms", "quant_vs_cudnn", "quant_vs_flex"]),
         ("accuracy", ["case", "impl", "rel_l2", "cosine", "ok"]),
         ("order", ["case", "impl", "ms", "rounds"]),
+        ("lists", ["case", "impl", "kept", "ms", "tops", "vs_cudnn"]
+         if args.part == "lists" else ["case", "impl", "ms", "vs_cudnn"]),
+        ("host", ["case", "wall_ms", "events_ms"]),
         ("meansim", ["case", "impl", "skipped", "predict_ms", "pred_pct", "kernel_ms",
                      "total_ms", "cudnn_ms", "vs_cudnn", "rel_l1"]),
     ):

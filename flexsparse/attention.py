@@ -18,6 +18,7 @@ the choice and every backend's reasons. Fully masked query rows return zeros, ne
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -38,20 +39,24 @@ log = logging.getLogger("flexsparse")
 BACKENDS = ("auto", "flex", "sdpa", "quant")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-#: Kept fraction of a *predicted* tile map at or above which the dense kernel (cuDNN /
-#: flash SDPA, no mask) is at least as fast as the backend that would run the sparse map,
-#: so ``auto`` drops the prediction. A predicted map only approximates dense attention, so
-#: the dense kernel is also the more accurate answer there; a static map is never dropped
-#: (its empty tiles are part of its meaning) except when it keeps every tile.
+#: Kept fraction of a *predicted* tile map at or above which running no map at all is at
+#: least as fast as the backend that would run the sparse map, so ``auto`` drops the
+#: prediction. A predicted map only approximates dense attention, so no map is also the
+#: more accurate answer there; a static map is never dropped (its empty tiles are part of
+#: its meaning) except when it keeps every tile. A dropped prediction (with no static
+#: mask beside it) runs on the quant kernel's dense mode where that kernel runs (CUDA,
+#: 16-bit inputs): a prediction stands in for SpargeAttn, whose arithmetic is quantized,
+#: and that mode outruns cuDNN (9.83 vs 11.3 ms on the 2b shape, H100); elsewhere on the
+#: dense walk (cuDNN / flash SDPA).
 #:
 #: Measured with ``benchmarks/attention.py`` (crossover table; H200, torch 2.11,
 #: 2026-11-25; random 128 x 64 tile maps, B=2, H=30, N=17,776, D=64, bf16; cuDNN dense
 #: 11.1 ms), speed relative to cuDNN (cuDNN ms / ms) at kept fractions 0.75 / 0.9 / 1.0:
 #:
-#: - ``flex``: 1.09x / 0.92x / 0.83x: break-even near 0.83 kept.
-#: - ``quant``: 1.23x / 1.03x / 0.85x: break-even near 0.92 kept.
-#: - the same table on an H100 (final run of 2026-11-25, BENCHMARKS.md): flex 1.12x /
-#:   0.89x / 0.83x, quant 1.24x / 1.04x / 0.88x.
+#: - ``flex``: 1.09x / 0.92x / 0.83x: break-even with cuDNN near 0.83 kept.
+#: - ``quant`` (before its register cap): 1.23x / 1.03x / 0.85x. With the cap (H100,
+#:   ``benchmarks/quant.py --part lists``): 128 x 64 lists keeping every tile 10.5 ms, its
+#:   dense mode 9.83 ms: break-even with its dense mode near 0.93 kept.
 #: - ``sdpa`` (CPU, materialised rows): on the CPU the map's meaning is kept rather than
 #:   traded for speed: dropped only when it keeps every tile.
 #:
@@ -343,7 +348,14 @@ def _prepare(q, k, v, mask, scale, backend, enable_gqa, block_size, compile, eve
         "crossover against the dense kernel): prediction dropped"
     )
     call = make(_without_prediction(dyn, rest), (note,))
-    return (*_walk(call, every), call)
+    picked, choice = _walk(call, every)
+    if rest is None and not QUANT.not_supported_reasons(call):
+        # A prediction stands in for SpargeAttn, whose arithmetic is quantized, and the
+        # quant kernel's dense mode outruns cuDNN (DENSE_CROSSOVER): a dropped map runs
+        # there rather than on SDPA.
+        reason = f"a dropped prediction runs quantized, without its map; {_describe(QUANT, call)}"
+        return QUANT, dataclasses.replace(choice, backend=QUANT.name, reason=reason), call
+    return picked, choice, call
 
 
 def explain(

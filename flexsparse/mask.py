@@ -342,7 +342,12 @@ class Mask:
         mod = self._offset_mask_mod(kv_len - q_len, device)
         if self.has_tile_rule:
             states = self.tile_states(q_len, kv_len, (bq, bk), device)
-            bm = T.to_block_mask(states, mod, q_len, kv_len, bq, bk, noop=noop)
+            # A block-granular map at its own tiles, rows on a tile boundary: no partial
+            # tile by construction (no host read to find out).
+            binary = (self.binary_tiles and self.native_block_size == (bq, bk)
+                      and (kv_len - q_len) % bq == 0)
+            bm = T.to_block_mask(states, mod, q_len, kv_len, bq, bk, noop=noop,
+                                 has_partial=False if binary else None)
         else:
             bm = create_block_mask(
                 mod, self.batch, self.heads, q_len, kv_len, device=device, BLOCK_SIZE=(bq, bk)

@@ -26,6 +26,15 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 _PROBE_POINTS = 16
 #: mask_mod -> whether its broadcast evaluation was found right (checked once per rule).
 _BROADCASTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: BlockMasks built by ``to_block_mask`` with no partial tile (their ``kv_*`` lists are
+#: empty by construction): kernels skip looking for partial tiles in them.
+_PARTIAL_FREE: weakref.WeakSet = weakref.WeakSet()
+
+
+def partial_free(block_mask: BlockMask) -> bool:
+    """True when ``block_mask`` is known to list no partial tile (built by
+    ``to_block_mask`` from states without any); False means "not known"."""
+    return block_mask in _PARTIAL_FREE
 
 
 @dataclass(frozen=True)
@@ -238,6 +247,7 @@ def to_block_mask(
     block_q: int,
     block_kv: int,
     noop: bool = True,
+    has_partial: bool | None = None,
 ) -> BlockMask:
     """Build a ``BlockMask`` straight from tile states ``[Qb, KVb]``, ``[H, Qb, KVb]`` or
     ``[B, H, Qb, KVb]``: partial tiles go to ``kv_*`` (``mask_mod`` applied), full tiles
@@ -249,13 +259,18 @@ def to_block_mask(
     lists and applies only ``mask_mod`` to every score, so a BlockMask meant for it needs
     ``noop=False``. The query-side (transposed) indices that backward needs are ordered
     from the states directly, which is what ``from_kv_blocks`` would compute through a
-    dense round trip."""
+    dense round trip.
+
+    ``has_partial``: whether any state is ``PARTIAL``, when the caller knows (a
+    block-granular map at its own tile size has none): saves a host read. None: looked
+    up."""
     while states.dim() < 4:
         states = states.unsqueeze(0)
     full = states == FULL
     partial = states == PARTIAL
-    # One host sync: whether the per-element rule is needed at all.
-    if not noop or bool(partial.any()):
+    if has_partial is None:
+        has_partial = bool(partial.any())  # one host sync
+    if not noop or has_partial:
         kv_num, kv_idx = _ordered(partial)
         q_num, q_idx = _ordered(partial.transpose(-2, -1))
     else:
@@ -267,10 +282,13 @@ def to_block_mask(
         # No partial tiles: zero counts; the index tensors are never read past the counts.
         kv_num, kv_idx = torch.zeros_like(full_kv[0]), full_kv[1]
         q_num, q_idx = torch.zeros_like(full_q[0]), full_q[1]
-    return _block_mask(
+    bm = _block_mask(
         (q_len, kv_len), (kv_num, kv_idx), full_kv, (q_num, q_idx), full_q,
         (block_q, block_kv), mask_mod,
     )
+    if not has_partial:
+        _PARTIAL_FREE.add(bm)
+    return bm
 
 
 def _block_mask(seq_lengths, kv, full_kv, q, full_q, block, mask_mod) -> BlockMask:

@@ -152,6 +152,39 @@ def test_from_tiles_any_grid_and_heads():
     torch.testing.assert_close(out, fs.reference(q, k, v, mask), atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("n, q_len", [(1000, 1000), (1000, 616), (777, 777), (1301, 1045)])
+@pytest.mark.parametrize("block", [(128, 64), (64, 64), (32, 48)])
+def test_block_map_at_its_own_tiles_is_known_partial_free(n, q_len, block, monkeypatch):
+    """A block-granular map at its native tiles with query rows on a tile boundary is
+    built without looking for partial tiles (no host read): it must truly have none, also
+    at ragged lengths and composed. Every BlockMask is flagged partial-free exactly when
+    it lists no partial tile."""
+    told = []
+    build = T.to_block_mask
+
+    def spy(*args, **kwargs):
+        told.append(kwargs.get("has_partial"))
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(T, "to_block_mask", spy)
+    g = torch.Generator().manual_seed(n + block[1])
+    qb, kb = -(-n // block[0]), -(-n // block[1])
+    a = fs.Mask.from_tiles(torch.rand(2, qb, kb, generator=g) < 0.5, block, length=n)
+    b = fs.Mask.from_tiles(torch.rand(qb, kb, generator=g) < 0.7, block)
+    a.native_block_size = b.native_block_size = block
+    aligned = (n - q_len) % block[0] == 0
+    for mask, size in ((a, block), (a & b, block), (a | b, block), (~a, block),
+                       (a, (block[0], 2 * block[1])), (a, (block[0] // 2, block[1]))):
+        told.clear()
+        bm = mask.block_mask(q_len, n, block_size=size, heads=mask.heads, noop=True)
+        has_partial = bool((mask.tile_states(q_len, n, size) == T.PARTIAL).any())
+        assert T.partial_free(bm) == (not has_partial)
+        known = aligned and size == block and mask.native_block_size == block
+        assert told == [False if known else None]
+        if not has_partial:
+            assert int(bm.kv_num_blocks.sum()) == 0
+
+
 def test_head_dependent_mask_composes_with_static():
     kept = torch.zeros(2, 4, 4, dtype=torch.bool)
     kept[0] = True

@@ -77,7 +77,9 @@ BITS_GATHER = False
 #: radial block maps, which keep the same tiles at both shapes; 128 x 128 / 128 x 64 ms:
 #: D=64 CogVideoX-2b 6.30 / 6.55, D=128 Wan 69 f 13.2 / 13.6, HunyuanVideo 117 f
 #: 25.7 / 28.1; partial tiles ~1.6x a full one, docs/kernel_notes.md).
-TILE_SPEED = {(64, 128): 1.0, (64, 64): 0.96, (128, 128): 1.0, (128, 64): 0.94}
+#: At D=64 with the register cap (``CONFIGS``) the two shapes run alike: radial 2b 5.96 /
+#: 6.01 ms, every tile kept 11.3 / 10.5 ms (H100, ``--part lists``).
+TILE_SPEED = {(64, 128): 1.0, (64, 64): 1.0, (128, 128): 1.0, (128, 64): 0.94}
 PARTIAL_COST = 1.6
 #: Query tiles of a tile list in ``row_order`` (False: index order). Benchmarks flip it.
 ROW_ORDER = True
@@ -244,7 +246,10 @@ def tile_lists(block_mask) -> TileLists:
         )
     flat = part_num.flatten().long()
     part_off = (torch.cumsum(flat, 0) - flat).view(part_num.shape).contiguous()
-    bits = partial_bits(block_mask, part_num, part_idx)
+    if T.partial_free(block_mask):  # no partial tile: no search (a host read) for them
+        bits = torch.zeros(0, tile[0], tile[1] // 32, dtype=torch.int32, device=part_num.device)
+    else:
+        bits = partial_bits(block_mask, part_num, part_idx)
     hit = TileLists(tile, full_num, full_idx, part_num, part_idx, part_off, bits,
                     row_order(full_num, part_num))
     _LISTS[block_mask] = hit
@@ -509,26 +514,32 @@ def quant_reference(
 
 # -- the kernel launcher ---------------------------------------------------------------------
 
-#: Launch configuration per (head_dim, pv_dtype, tile_n): block_n, num_warps, num_stages.
-#: Measured on an H100 (2026-11-25, dense 2x30x17776 D=64 / 2x24x17776 D=128, effective
-#: TOPS; docs/kernel_notes.md): D=64 fp16 bn128 w4 s3 491, fp8 bn128 w4 s2
-#: 466; D=128 fp16 bn64 w4 s3 637 (w8: 573), fp8 bn128 w8 s3 623, fp8 bn64 w8 s3 546.
-CONFIGS: dict[tuple[int, str, int], tuple[int, int, int]] = {
-    (64, "fp16", 128): (128, 4, 3),
-    (64, "fp8", 128): (128, 4, 2),
-    (128, "fp16", 128): (64, 4, 3),
-    (128, "fp8", 128): (128, 8, 3),
-    (64, "fp16", 64): (64, 4, 3),
-    (64, "fp8", 64): (64, 4, 3),
-    (128, "fp16", 64): (64, 4, 3),
-    (128, "fp8", 64): (64, 8, 3),
+#: Launch configuration per (head_dim, pv_dtype, tile_n): block_n, num_warps, num_stages,
+#: maxnreg (a register cap; None: none). Measured on an H100 (2026-11-25, dense
+#: 2x30x17776 D=64 / 2x24x17776 D=128, effective TOPS; docs/kernel_notes.md): D=64 fp16
+#: bn128 w4 s3 491, fp8 bn128 w4 s2 466; D=128 fp16 bn64 w4 s3 637 (w8: 573), fp8 bn128
+#: w8 s3 623, fp8 bn64 w8 s3 546. At D=64 a cap of 168 registers fits 3 programs per SM
+#: instead of 2 (bn64 needs ~180 uncapped, bn128 spills at 255): dense 9.83 vs 10.5 ms
+#: (bn128), 128 x 64 lists keeping every tile 10.5 vs 12.6 ms, meansim 0.35/0.98 6.86 vs
+#: 7.82 ms, radial 2b 5.96 vs 6.41 ms (H100, ``benchmarks/quant.py --part lists``,
+#: BENCHMARKS.md). At D=128 the same cap spills (2.2x slower).
+CONFIGS: dict[tuple[int, str, int], tuple[int, int, int, int | None]] = {
+    (64, "fp16", 128): (64, 4, 3, 168),
+    (64, "fp8", 128): (128, 4, 2, None),
+    (128, "fp16", 128): (64, 4, 3, None),
+    (128, "fp8", 128): (128, 8, 3, None),
+    (64, "fp16", 64): (64, 4, 3, 168),
+    (64, "fp8", 64): (64, 4, 3, None),
+    (128, "fp16", 64): (64, 4, 3, None),
+    (128, "fp8", 64): (64, 8, 3, None),
 }
 
 
-def config(head_dim: int, pv_dtype: str, tile_n: int) -> tuple[int, int, int]:
-    """``(block_n, num_warps, num_stages)`` for a call (``CONFIGS``; bf16 as fp16)."""
+def config(head_dim: int, pv_dtype: str, tile_n: int) -> tuple[int, int, int, int | None]:
+    """``(block_n, num_warps, num_stages, maxnreg)`` for a call (``CONFIGS``; bf16 as
+    fp16)."""
     key = "fp16" if pv_dtype == "bf16" else pv_dtype
-    return CONFIGS.get((head_dim, key, tile_n), (64, 4, 3))
+    return CONFIGS.get((head_dim, key, tile_n), (64, 4, 3, None))
 
 
 def _list_strides(t: Tensor, dims: int) -> list[int]:
@@ -569,7 +580,8 @@ def quant_attention(
         pv_dtype: ``"fp8"`` (sm_89+), ``"fp16"``, ``"bf16"`` or ``"auto"`` (the inputs'
             16-bit dtype, ``default_pv_dtype``: V is then read in place).
         block_n, num_warps, num_stages, maxnreg: launch overrides (benchmarks); defaults
-            from ``CONFIGS`` (no register cap).
+            from ``CONFIGS`` (its register cap applies when block_n and num_warps are
+            the configuration's; ``maxnreg=0``: no cap).
 
     Returns:
         ``[B, Hq, Nq, D]`` in the dtype of ``q``; rows with no kept key are zeros.
@@ -598,6 +610,10 @@ def quant_attention(
     num_warps = cfg[1] if num_warps is None else num_warps
     num_stages = cfg[2] if num_stages is None else num_stages
     pvt = _check_inputs(q, k, v, pvthreshd, pv_dtype, block_n, kept, tile_n)
+    if maxnreg is None and block_n == cfg[0] and num_warps == cfg[1] and pvt is None:
+        # The cap belongs to its configuration; not with the PV skip, whose kernel gave
+        # 7 % off the reference under it (H100, test_pvthreshd_matches_reference).
+        maxnreg = cfg[3]
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"q, k, v must be float16 or bfloat16, got {q.dtype}")
     if causal and (kept is not None or lists is not None):
@@ -688,7 +704,7 @@ def quant_attention(
         HAS_PARTIAL=lists is not None and lists.n_partial > 0,
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, TILE_N=tile_n, D=d, BITS_GATHER=BITS_GATHER,
         num_warps=num_warps, num_stages=num_stages,
-        **({} if maxnreg is None else {"maxnreg": maxnreg}),
+        **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return out
 
