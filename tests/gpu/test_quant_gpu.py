@@ -212,3 +212,40 @@ def test_auto_pv_dtype_is_the_inputs_own():
     assert default_pv_dtype(torch.float16) == "fp16"
     q, k, v = qkv(1, 2, 2, 300, 300, 64, torch.bfloat16, 5)
     assert torch.equal(quant_attention(q, k, v), quant_attention(q, k, v, pv_dtype="bf16"))
+
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.skipif(not HOPPER, reason="the overlapping Gluon kernel needs sm_90")
+@pytest.mark.parametrize("case", [  # b, hq, hkv, nq, nk, d, tiles (None: dense)
+    (1, 2, 2, 128, 128, 64, None),
+    (2, 3, 3, 1000, 1000, 64, None),
+    (1, 4, 2, 777, 1301, 128, None),
+    (2, 4, 2, 1000, 1000, 64, (128, 128)),
+    (1, 4, 4, 301, 1333, 128, (128, 64)),
+    (1, 2, 1, 2049, 2049, 128, (128, 128)),
+])
+def test_overlap_kernel_matches_reference(case):
+    """The Gluon kernel (softmax overlapping the MMAs) computes the Triton kernel's
+    arithmetic: dense and full-tile lists, ragged lengths, GQA, q_len != kv_len, query
+    tiles with no kept key (zeros)."""
+    b, hq, hkv, nq, nk, d, tiles = case
+    q, k, v = qkv(b, hq, hkv, nq, nk, d, torch.bfloat16, seed=nq + nk + d)
+    kw, ref_kw = {}, {}
+    if tiles is not None:
+        g = torch.Generator().manual_seed(nq)
+        kept = torch.rand(1, hq, -(-nq // 128), -(-nk // tiles[1]), generator=g) < 0.5
+        kept[..., -1] = True  # the ragged last column tile
+        kept[:, 0, 0] = False  # a query tile with no key: zeros
+        kw = dict(kept=kept, tile_n=tiles[1])
+        ref_kw = dict(kept=kept.cuda(), tile_n=tiles[1])
+    out = quant_attention(q, k, v, overlap=True, **kw)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    ref = quant_reference(q, k, v, block_n=64, **ref_kw)
+    assert rel_l2(out, ref) < 5e-3
+    if tiles is not None:
+        assert (out[:, 0, :128] == 0).all()
+    else:
+        exact = fs.reference(q, k, v, None)
+        assert rel_l2(out.cpu(), exact) < 3e-2 and cosine(out.cpu(), exact) > 0.999
