@@ -9,7 +9,6 @@ and the legacy kernel (``flexsparse.kernels._legacy``, the kernel of 2026-11-24)
     python benchmarks/quant.py --part lists    # where a tile-list call's time goes (2b, D=64)
     python benchmarks/quant.py --part host     # host profile of fs.attention calls
     python benchmarks/quant.py --part d128     # launch variants on the Wan radial map
-    python benchmarks/quant.py --part overlap  # the Gluon kernel (softmax overlapping MMAs)
 
 Effective TOPS = 4 * B * H * Nq * Nk * D * density / time. Writes ``$OUT/quant_<part>.json``
 and ``.md`` when ``OUT`` is set.
@@ -366,73 +365,6 @@ def d128_part(gen) -> list[dict]:
     return rows
 
 
-#: Launch variants of the overlapping Gluon kernel (``quant_attention(overlap=True)``).
-OVERLAP_VARIANTS = {
-    "overlap default": {},
-    "overlap bn64 w8 s2": dict(block_n=64, num_warps=8, num_stages=2),
-    "overlap bn64 w8 s4": dict(block_n=64, num_warps=8, num_stages=4),
-    "overlap bn128 w8 s2": dict(block_n=128, num_warps=8, num_stages=2),
-    "overlap bn64 w4 s3": dict(block_n=64, num_warps=4, num_stages=3),
-    "overlap bn64 w8 s3 r128": dict(block_n=64, num_warps=8, num_stages=3, maxnreg=128),
-}
-
-
-def overlap_part(gen) -> list[dict]:
-    """The Triton kernel against the overlapping Gluon kernel (``OVERLAP_VARIANTS``) on
-    dense shapes and radial / meansim maps, same run; the Gluon output against the
-    Triton one (same quantization, relative L2)."""
-    from meansim import video_like
-
-    rows = []
-
-    def compare(case, q, k, v, ops, base, tile_n=128, **kw):
-        ref = quant_attention(q, k, v, block_n=64, **kw)
-        ms = ms_of(functools.partial(quant_attention, q, k, v, **kw))
-        rows.append(dict(table="overlap", case=case, impl="triton default", ms=ms,
-                         tops=ops / ms / 1e9, vs_cudnn=base / ms))
-        print(rows[-1], flush=True)
-        for label, var in OVERLAP_VARIANTS.items():
-            if var.get("block_n", 0) > tile_n:
-                continue
-            fn = functools.partial(quant_attention, q, k, v, overlap=True, **kw, **var)
-            try:
-                err = rel(fn(), ref)[0]
-                ms = ms_of(fn)
-            except Exception as exc:  # noqa: BLE001 - a variant may not fit
-                print(f"{case} {label}: {str(exc)[:300]}", flush=True)
-                continue
-            rows.append(dict(table="overlap", case=case, impl=label, ms=ms,
-                             tops=ops / ms / 1e9, vs_cudnn=base / ms, rel_l2_vs_triton=err))
-            print(rows[-1], flush=True)
-
-    q, k, v = video_like(0, "cuda")
-    b, h, n, d = q.shape
-    base = ms_of(functools.partial(cudnn, q, k, v))
-    ops = 4.0 * b * h * n * n * d
-    compare("2b dense D64", q, k, v, ops, base)
-    lay = fs.VideoLayout.from_video(49, 480, 720, "cogvideox")
-    bm = masks.radial(lay, 1.0, "cogvideox").block_mask(n, n, device="cuda", noop=True)
-    compare("2b radial 128x128", q, k, v, ops, base, block_mask=bm)
-    bound = masks.meansim(0.35, cdfthreshd=0.98).bind(q, k)
-    bm = bound.block_mask(n, n, device="cuda", block_size=(128, 64), noop=True,
-                          heads=bound.heads, batch=bound.batch)
-    compare("2b meansim 0.35/0.98 128x64", q, k, v, ops, base, tile_n=64, block_mask=bm)
-    del q, k, v
-    for name in ("wan 69f", "hunyuan 117f"):
-        model, decay = RADIAL[name][0], RADIAL[name][4]
-        lay, n, q, k, v = radial_inputs(gen, name)
-        b, h, _, d = q.shape
-        base = ms_of(functools.partial(cudnn, q, k, v))
-        ops = 4.0 * b * h * n * n * d
-        if name.startswith("wan"):
-            compare(f"{name} dense D128", q, k, v, ops, base)
-        bm = masks.radial(lay, decay, model).block_mask(n, n, device="cuda", noop=True)
-        compare(f"{name} radial 128x128", q, k, v, ops, base, block_mask=bm)
-        del q, k, v
-        torch.cuda.empty_cache()
-    return rows
-
-
 def host_part(gen) -> list[dict]:
     """Host time of whole ``fs.attention`` calls (meansim and radial maps): wall time per
     call with the GPU synchronised, the kernel's own time, and the functions where the
@@ -662,7 +594,7 @@ def partial_part(gen, flex) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=["dense", "sparse", "meansim", "partial", "kernel",
-                                       "order", "lists", "host", "d128", "overlap"],
+                                       "order", "lists", "host", "d128"],
                     default="dense")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -675,9 +607,6 @@ def main() -> int:
         cols = ["shape", "impl", "ms", "tops", "vs_cudnn"]
     elif args.part == "order":
         rows = order_part(gen)
-        cols = None
-    elif args.part == "overlap":
-        rows = overlap_part(gen)
         cols = None
     elif args.part == "d128":
         rows = d128_part(gen)
@@ -718,7 +647,6 @@ def main() -> int:
         ("lists", ["case", "impl", "kept", "ms", "tops", "vs_cudnn"]
          if args.part == "lists" else ["case", "impl", "ms", "vs_cudnn"]),
         ("host", ["case", "wall_ms", "events_ms"]),
-        ("overlap", ["case", "impl", "ms", "tops", "vs_cudnn", "rel_l2_vs_triton"]),
         ("meansim", ["case", "impl", "skipped", "predict_ms", "pred_pct", "kernel_ms",
                      "total_ms", "cudnn_ms", "vs_cudnn", "rel_l1"]),
     ):

@@ -563,7 +563,6 @@ def quant_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     maxnreg: int | None = None,
-    overlap: bool = False,
 ) -> Tensor:
     """Quantized block-sparse attention (Triton; CUDA, or ``TRITON_INTERPRET=1``).
 
@@ -583,10 +582,6 @@ def quant_attention(
         block_n, num_warps, num_stages, maxnreg: launch overrides (benchmarks); defaults
             from ``CONFIGS`` (its register cap applies when block_n and num_warps are
             the configuration's; ``maxnreg=0``: no cap).
-        overlap: run the Gluon kernel that overlaps each block's softmax with the MMAs
-            (``_gluon_quant``; Hopper, full tiles only: dense or a tile list without
-            partial tiles, no ``causal``, ``pvthreshd`` or fp8, V contiguous). Its own
-            launch defaults: ``OVERLAP_CONFIGS``.
 
     Returns:
         ``[B, Hq, Nq, D]`` in the dtype of ``q``; rows with no kept key are zeros.
@@ -610,12 +605,6 @@ def quant_attention(
                 f"({q.shape[2]}, {k.shape[2]})"
             )
     tile_n = TILE_N if tile_n is None else tile_n
-    if overlap:
-        ocfg = OVERLAP_CONFIGS.get((q.shape[-1], tile_n), (64, 8, 3, None))
-        block_n = ocfg[0] if block_n is None else block_n
-        num_warps_o = ocfg[1] if num_warps is None else num_warps
-        num_stages_o = ocfg[2] if num_stages is None else num_stages
-        maxnreg_o = ocfg[3] if maxnreg is None else maxnreg
     cfg = config(q.shape[-1], pv_dtype, tile_n if tile_n in (64, 128) else TILE_N)
     block_n = min(cfg[0], tile_n) if block_n is None else block_n
     num_warps = cfg[1] if num_warps is None else num_warps
@@ -680,9 +669,6 @@ def quant_attention(
             hkv, nk, nk_pad, OUT_FP8=fp8, BLOCK=64, D=d, num_warps=4,
         )
 
-    if overlap:
-        return _launch_overlap(q, qi, qs, ki, ks, v, lists, causal, fp8, pvt, block_n,
-                               tile_n, num_warps_o, num_stages_o, maxnreg_o)
     if lists is not None:
         mode = 2
         for name, t in (("full", lists.full_num), ("partial", lists.part_num)):
@@ -718,70 +704,6 @@ def quant_attention(
         HAS_PARTIAL=lists is not None and lists.n_partial > 0,
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, TILE_N=tile_n, D=d, BITS_GATHER=BITS_GATHER,
         num_warps=num_warps, num_stages=num_stages,
-        **({"maxnreg": maxnreg} if maxnreg else {}),
-    )
-    return out
-
-
-#: Launch configuration of the overlapping Gluon kernel per (head_dim, tile_n): block_n,
-#: num_warps, num_stages, maxnreg. Two warpgroups of 64 query rows each (num_warps=8);
-#: registers from a local sm_90 compile: D=64 bn64 125 (2 programs per SM), D=128 bn64
-#: 179 (one; 128 with a small spill for two).
-OVERLAP_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int | None]] = {
-    (64, 128): (64, 8, 3, None),
-    (64, 64): (64, 8, 3, None),
-    (128, 128): (64, 8, 3, None),
-    (128, 64): (64, 8, 3, None),
-}
-
-
-def _launch_overlap(q, qi, qs, ki, ks, v, lists, causal, fp8, pvt, block_n, tile_n,
-                    num_warps, num_stages, maxnreg) -> Tensor:
-    """``_gluon_quant._attn_overlap`` on quantized Q / K and V in place (see
-    ``quant_attention(overlap=True)``): ``[B, Hq, Nq, D]`` in ``q``'s dtype."""
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    from . import _gluon_quant as G
-
-    bsz, hq, nq, d = q.shape
-    hkv, nk = v.shape[1], v.shape[2]
-    why = []
-    if causal or fp8 or pvt is not None:
-        why.append("causal, fp8 P·V and pvthreshd run on the Triton kernel")
-    if lists is not None and lists.n_partial:
-        why.append("partial tiles run on the Triton kernel")
-    if v.stride() != (hkv * nk * d, nk * d, d, 1):
-        why.append("V must be contiguous [B, H, N, D]")
-    if why:
-        raise ValueError(f"overlap=True cannot run this call: {'; '.join(why)}")
-    nq_pad, nk_pad = qi.shape[2], ki.shape[2]
-    gdt = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[v.dtype]
-
-    def desc(t, block, dtype):
-        flat = t.reshape(-1, d)
-        layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
-        return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), block, layout)
-
-    out = torch.empty(bsz, hq, nq, d, dtype=q.dtype, device=q.device)
-    nqb = nq_pad // BLOCK_M
-    if lists is not None:
-        snb, snh = _list_strides(lists.full_num, 2)
-        sib, sih = _list_strides(lists.full_idx, 2)
-        siq = lists.full_idx.stride(2)
-        tl_args = (lists.full_num, lists.full_idx,
-                   lists.row_order if ROW_ORDER else torch.arange(
-                       nqb, dtype=torch.int32, device=q.device))
-    else:
-        snb = snh = sib = sih = siq = 0
-        tl_args = (ks, ks, ks)
-    G._attn_overlap[(nqb, bsz * hq)](
-        desc(qi, [BLOCK_M, d], gl.int8), desc(ki, [block_n, d], gl.int8),
-        desc(v, [block_n, d], gdt), qs, ks, out, *tl_args,
-        out.stride(0), out.stride(1), out.stride(2), snb, snh, sib, sih, siq,
-        hq, hq // hkv, nq, nk, nq_pad, nk_pad, nqb, nk_pad // block_n, nk,
-        MODE=2 if lists is not None else 0, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
-        TILE_N=tile_n, D=d, STAGES=num_stages, num_warps=num_warps,
         **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return out
