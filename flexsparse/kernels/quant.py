@@ -28,9 +28,11 @@ rows of the ``Nk x Nk`` attention (query row ``r`` sits at position ``r + Nk - N
    tiles first, then its partial tiles; the reference walks key blocks in ascending
    order: the two agree up to the rounding of ``p`` against a different running max.
 5. **pvthreshd** (per query head, SpargeAttn-style): for query tile ``i`` and key block
-   ``j``, the P·V product is skipped when ``max_r (rowmax(t)[r] - m_new[r]) < -pvthreshd``
-   over the tile's valid rows, i.e. every probability of the block is below
-   ``2^-pvthreshd`` of its row's running maximum. ``l`` still counts them.
+   ``j``, the P·V product is skipped when ``max_r (rowmax(t)[r] - m_new[r]) < -pvthreshd
+   - 2^-10`` over the tile's valid rows, i.e. every probability of the block is below
+   ``2^-pvthreshd`` of its row's running maximum. ``l`` still counts them. The ``2^-10``
+   (``PVT_SLACK``) keeps a block that sets a row's new maximum (gap exactly 0) when
+   rounding makes its gap -1 ulp.
 
 Tiles: the kernel reads the call's ``BlockMask`` at ``128 x 128`` or ``128 x 64`` tiles
 (``TILE_SIZES``): ``full_kv_num_blocks / full_kv_indices`` are computed without a rule,
@@ -53,6 +55,8 @@ from .. import tiles as T
 from .._checks import check_choice, check_int
 
 LOG2E = 1.4426950408889634
+#: Slack of the pvthreshd test (log2 units; ``_triton_quant.PVT_SLACK``).
+PVT_SLACK = 2.0**-10
 LOG2_FP8_MAX = math.log2(448.0)
 FP8_MAX = 448.0
 AMAX_EPS = 1e-20
@@ -503,7 +507,7 @@ def quant_reference(
         pv = pq @ vq[:, :, None, lo:hi]
         if thr is not None:
             gap = torch.where(row_ok, m_blk - m_safe, -math.inf).amax(-1)  # [B, Hq, NQB]
-            pv = pv * (gap >= -thr)[..., None, None]
+            pv = pv * (gap >= -thr - PVT_SLACK)[..., None, None]
         acc = acc * alpha[..., None] + pv
         m = m_new
     out = acc * torch.where(l_sum > 0, 1.0 / l_sum, 0.0)[..., None]
