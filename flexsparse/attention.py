@@ -297,7 +297,8 @@ def _bind_counted(dyn: DynamicMask, q: Tensor, k: Tensor):
     A predictor that hands over its tile map (``bind_tiles``: meansim) is counted on the
     map itself, one reduction and one host read: the map is whole tiles at the bound mask's
     tile size, so it has no partial tiles and its kept tiles are the BlockMask's full ones
-    (when the query rows start on a tile boundary; else the tile states are counted)."""
+    (when the query rows start on a tile boundary; else the tile states are counted). On
+    CUDA the map's BlockMask is built before that read (see below)."""
     bind_tiles = getattr(dyn, "bind_tiles", None)
     if bind_tiles is None:
         bound = _check_mask(dyn, q, k)
@@ -307,7 +308,15 @@ def _bind_counted(dyn: DynamicMask, q: Tensor, k: Tensor):
     size = bound.native_block_size
     if size is None or (k.shape[2] - q.shape[2]) % size[0]:
         return bound, _census(bound, q.shape[2], k.shape[2], q.device)
-    kept = int(tiles.sum())
+    kept = tiles.sum()
+    if q.is_cuda:
+        # Lower the map while the GPU is still predicting, before the host read: the read
+        # then waits for prediction and lowering together instead of the host lowering
+        # after it with the GPU idle (0.33 ms of a 9 ms meansim call, H100). A dropped
+        # prediction leaves this BlockMask unused (cached on the bound mask only).
+        bound.block_mask(q.shape[2], k.shape[2], device=q.device, heads=bound.heads,
+                         batch=bound.batch, block_size=tuple(size), noop=True)
+    kept = int(kept)
     return bound, (tuple(size), TileCounts(tiles.numel() - kept, 0, kept))
 
 

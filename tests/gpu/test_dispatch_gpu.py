@@ -86,20 +86,24 @@ def test_aliased_inputs_compiled_flex():
     assert rel_l2(out, fs.reference(q, q, q, masks.causal())) < 1e-2
 
 
-def test_dropped_meansim_prediction_builds_no_block_mask(monkeypatch):
-    """auto decides from the predicted map itself: a dropped prediction builds no
-    BlockMask."""
+def test_dropped_meansim_prediction_runs_the_dense_kernel(monkeypatch):
+    """auto decides from the predicted map itself. On CUDA the map's BlockMask is built
+    once, while the count is read back (the GPU still predicting); a dropped prediction
+    then runs the quant kernel's dense mode, never the tile lists."""
     q, k, v = qkv(2000)
     dyn = masks.meansim(1.5, cdfthreshd=1.0)  # every tile kept
     fs.attention(q, k, v, dyn)  # warm-up: the predictor's capture for this shape
     built = []
     real = fs.Mask.block_mask
     monkeypatch.setattr(fs.Mask, "block_mask",
-                        lambda self, *a, **kw: built.append(self.name) or real(self, *a, **kw))
+                        lambda self, *a, **kw: built.append(kw.get("block_size"))
+                        or real(self, *a, **kw))
     choice = fs.explain(q, k, v, dyn)
     out = fs.attention(q, k, v, dyn)
-    assert built == [] and choice.backend == "quant" and choice.sdpa_mode == "none"
+    assert built == [(128, 64), (128, 64)]  # one per call, the speculative one
+    assert choice.backend == "quant" and choice.sdpa_mode == "none"
     assert "keeps 100.0%" in choice.notes[0]
+    assert torch.equal(out, quant_attention(q, k, v))
     assert rel_l2(out, fs.reference(q, k, v)) < 3e-2
 
 
