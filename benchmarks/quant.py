@@ -591,48 +591,37 @@ def partial_part(gen, flex) -> list[dict]:
     return rows
 
 
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+#: ``--part`` name -> ``fn(gen, pvs) -> rows``.
+PARTS = {
+    "dense": dense_part,
+    "sparse": lambda gen, pvs: sparse_part(gen, pvs, _compiled_flex()),
+    "meansim": meansim_part,
+    "partial": lambda gen, pvs: partial_part(gen, _compiled_flex()),
+    "kernel": lambda gen, pvs: kernel_part(gen),
+    "order": lambda gen, pvs: order_part(gen),
+    "lists": lambda gen, pvs: lists_part(gen),
+    "host": lambda gen, pvs: host_part(gen),
+    "d128": lambda gen, pvs: d128_part(gen),
+}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["dense", "sparse", "meansim", "partial", "kernel",
-                                       "order", "lists", "host", "d128"],
-                    default="dense")
+    ap.add_argument("--part", choices=sorted(PARTS), default="dense")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs CUDA")
         return 1
     gen = torch.Generator(device="cuda").manual_seed(0)
     pvs = ["fp16"] + (["fp8"] if torch.cuda.get_device_capability() >= (8, 9) else [])
-    if args.part == "dense":
-        rows = dense_part(gen, pvs)
-        cols = ["shape", "impl", "ms", "tops", "vs_cudnn"]
-    elif args.part == "order":
-        rows = order_part(gen)
-        cols = None
-    elif args.part == "d128":
-        rows = d128_part(gen)
-        cols = None
-    elif args.part == "host":
-        rows = host_part(gen)
-        cols = None
-    elif args.part == "lists":
-        rows = lists_part(gen)
-        cols = None
-    elif args.part == "kernel":
-        rows = kernel_part(gen)
-        cols = ["shape", "impl", "ms", "tops", "vs_cudnn"]
-    elif args.part == "sparse":
-        from torch.nn.attention.flex_attention import flex_attention
-
-        rows = sparse_part(gen, pvs, torch.compile(flex_attention, dynamic=False))
-        cols = None
-    elif args.part == "partial":
-        from torch.nn.attention.flex_attention import flex_attention
-
-        rows = partial_part(gen, torch.compile(flex_attention, dynamic=False))
-        cols = None
-    else:
-        rows = meansim_part(gen, pvs)
-        cols = None
+    rows = PARTS[args.part](gen, pvs)
+    cols = ["shape", "impl", "ms", "tops", "vs_cudnn"] if args.part in ("dense", "kernel") else None
     text = header(f"Quantized attention, part {args.part}") + "\n"
     for name, c in (
         ("dense", cols),
