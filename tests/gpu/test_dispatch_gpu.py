@@ -86,6 +86,24 @@ def test_aliased_inputs_compiled_flex():
     assert rel_l2(out, fs.reference(q, q, q, masks.causal())) < 1e-2
 
 
+@pytest.mark.parametrize("backend", ["auto", "quant"])
+def test_static_mask_call_does_not_sync_after_warmup(backend):
+    """A static map's BlockMask, tile census, tile lists and tile-shape choice are cached:
+    after the first call, a call only launches kernels (a host read would leave the GPU
+    idle while Python walks the backends)."""
+    layout = fs.VideoLayout(frames=6, tokens_per_frame=300, text_tokens=30)
+    mask = masks.radial(layout, 1.0, "cogvideox")
+    q, k, v = qkv(layout.length)
+    out = fs.attention(q, k, v, mask, backend=backend)  # warm-up: lowering, compile
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        again = fs.attention(q, k, v, mask, backend=backend)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(out, again)
+
+
 def test_dropped_meansim_prediction_runs_the_dense_kernel(monkeypatch):
     """auto decides from the predicted map itself. On CUDA the map's BlockMask is built
     once, while the count is read back (the GPU still predicting); a dropped prediction
