@@ -9,6 +9,7 @@ and the legacy kernel (``flexsparse.kernels._legacy``, the kernel of 2026-11-24)
     python benchmarks/quant.py --part lists    # where a tile-list call's time goes (2b, D=64)
     python benchmarks/quant.py --part host     # host profile of fs.attention calls
     python benchmarks/quant.py --part d128     # launch variants on the Wan radial map
+    python benchmarks/quant.py --part stages   # pipeline depth of the tile-list loop
 
 Effective TOPS = 4 * B * H * Nq * Nk * D * density / time. Writes ``$OUT/quant_<part>.json``
 and ``.md`` when ``OUT`` is set.
@@ -365,6 +366,51 @@ def d128_part(gen) -> list[dict]:
     return rows
 
 
+def stages_part(gen) -> list[dict]:
+    """Pipeline depth of the tile-list loop: the kernel alone on pre-built BlockMasks at
+    ``num_stages`` 3 / 4 / 5 (default launch otherwise), D=64 (2b dense, every tile kept,
+    radial, meansim) and D=128 (Wan, HunyuanVideo radial), against cuDNN."""
+    from meansim import video_like
+
+    rows = []
+
+    def sweep(case, q, k, v, base, **kw):
+        for ns in (3, 4, 5):
+            try:
+                ms = ms_of(functools.partial(quant_attention, q, k, v, num_stages=ns, **kw))
+            except Exception as exc:  # noqa: BLE001 - shared memory may not fit
+                print(f"{case} s{ns}: {str(exc)[:160]}", flush=True)
+                continue
+            rows.append(dict(table="lists", case=case, impl=f"kernel s{ns}", ms=ms,
+                             vs_cudnn=base / ms))
+            print(rows[-1], flush=True)
+
+    q, k, v = video_like(0, "cuda")
+    n = q.shape[2]
+    base = ms_of(functools.partial(cudnn, q, k, v))
+    sweep("2b dense", q, k, v, base)
+    lay = fs.VideoLayout.from_video(49, 480, 720, "cogvideox")
+    ones = torch.ones(-(-n // 128), -(-n // 64), dtype=torch.bool)
+    maps = {"2b all kept 128x64": (fs.Mask.from_tiles(ones, (128, 64), length=n), (128, 64)),
+            "2b radial 128x128": (masks.radial(lay, 1.0, "cogvideox"), (128, 128))}
+    bound = masks.meansim(0.35, cdfthreshd=0.98).bind(q, k)
+    maps["2b meansim 0.35/0.98"] = (bound, (128, 64))
+    for name, (mask, tile) in maps.items():
+        bm = mask.block_mask(n, n, device="cuda", block_size=tile, noop=True,
+                             heads=mask.heads, batch=mask.batch)
+        sweep(name, q, k, v, base, block_mask=bm)
+    del q, k, v
+    for name in ("wan 69f", "hunyuan 117f"):
+        model, decay = RADIAL[name][0], RADIAL[name][4]
+        lay, n, q, k, v = radial_inputs(gen, name)
+        base = ms_of(functools.partial(cudnn, q, k, v))
+        bm = masks.radial(lay, decay, model).block_mask(n, n, device="cuda", noop=True)
+        sweep(f"{name} radial 128x128", q, k, v, base, block_mask=bm)
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
 def host_part(gen) -> list[dict]:
     """Host time of whole ``fs.attention`` calls (meansim and radial maps): wall time per
     call with the GPU synchronised, the kernel's own time, and the functions where the
@@ -608,6 +654,7 @@ PARTS = {
     "lists": lambda gen, pvs: lists_part(gen),
     "host": lambda gen, pvs: host_part(gen),
     "d128": lambda gen, pvs: d128_part(gen),
+    "stages": lambda gen, pvs: stages_part(gen),
 }
 
 
