@@ -10,7 +10,6 @@ and the legacy kernel (``flexsparse.kernels._legacy``, the kernel of 2026-11-24)
     python benchmarks/quant.py --part host     # host profile of fs.attention calls
     python benchmarks/quant.py --part d128     # launch variants on the Wan radial map
     python benchmarks/quant.py --part stages   # pipeline depth of the tile-list loop
-    python benchmarks/quant.py --part index    # tile index: plain load vs pipelined
 
 Effective TOPS = 4 * B * H * Nq * Nk * D * density / time. Writes ``$OUT/quant_<part>.json``
 and ``.md`` when ``OUT`` is set.
@@ -367,32 +366,15 @@ def d128_part(gen) -> list[dict]:
     return rows
 
 
-def stages_part(gen, index_ab: bool = False) -> list[dict]:
+def stages_part(gen) -> list[dict]:
     """Pipeline depth of the tile-list loop: the kernel alone on pre-built BlockMasks at
     ``num_stages`` 3 / 4 / 5 (default launch otherwise), D=64 (2b dense, every tile kept,
-    radial, meansim) and D=128 (Wan, HunyuanVideo radial), against cuDNN. With
-    ``index_ab`` (``--part index``): the default depth with the tile index read by a plain
-    load (``quant.PLAIN_INDEX_LOADS``) against Triton's pipelined load, alternating rounds."""
+    radial, meansim) and D=128 (Wan, HunyuanVideo radial), against cuDNN."""
     from meansim import video_like
-
-    import flexsparse.kernels.quant as Q
 
     rows = []
 
     def sweep(case, q, k, v, base, **kw):
-        if index_ab:
-            times = {True: [], False: []}
-            for _ in range(2):
-                for flag in (False, True):
-                    Q.PLAIN_INDEX_LOADS = flag
-                    times[flag].append(ms_of(functools.partial(quant_attention, q, k, v, **kw)))
-            Q.PLAIN_INDEX_LOADS = True
-            for flag, label in ((False, "pipelined index"), (True, "plain index load")):
-                ms = min(times[flag])
-                rows.append(dict(table="lists", case=case, impl=f"kernel, {label}", ms=ms,
-                                 vs_cudnn=base / ms))
-                print(rows[-1], flush=True)
-            return
         for ns in (3, 4, 5):
             try:
                 ms = ms_of(functools.partial(quant_attention, q, k, v, num_stages=ns, **kw))
@@ -673,7 +655,6 @@ PARTS = {
     "host": lambda gen, pvs: host_part(gen),
     "d128": lambda gen, pvs: d128_part(gen),
     "stages": lambda gen, pvs: stages_part(gen),
-    "index": lambda gen, pvs: stages_part(gen, index_ab=True),
 }
 
 

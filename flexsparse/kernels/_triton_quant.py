@@ -105,22 +105,6 @@ def _quant_v(
 
 
 @triton.jit
-def _load_index(ptr, ASM: tl.constexpr):
-    """A tile index, read by a plain global load that Triton's pipeliner leaves alone: a
-    pipelined (``cp.async``) index feeds the address of the same iteration's K load, and
-    the pipeliner then waits for every load in flight each iteration (``async_wait
-    num=0`` instead of 3), which left the next blocks' K and V unprefetched. ``ASM``
-    False (the interpreter, which runs no PTX): ``tl.load``."""
-    if ASM:
-        return tl.inline_asm_elementwise(
-            "ld.global.nc.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32, is_pure=True,
-            pack=1,
-        )
-    else:
-        return tl.load(ptr)
-
-
-@triton.jit
 def _attn_block(
     acc, l_i, m_i, q, c_q, Kb, Vb, Ks, start_n, q_pos, row_ok, N_KV, V_ROW, V_COL, thr,
     Wb, word0,
@@ -196,7 +180,7 @@ def _attn(
     MODE: tl.constexpr,  # 0 dense, 1 causal, 2 tile lists (full, then partial with bits)
     PV_FP8: tl.constexpr, USE_PVT: tl.constexpr, HAS_PARTIAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr,
-    BITS_GATHER: tl.constexpr = False, ASM_INDEX: tl.constexpr = True,
+    BITS_GATHER: tl.constexpr = False,
 ):
     """One query tile of one (b, h). Q, K: int8 [B, H, N_PAD, D]; V: fp8
     [B, Hkv, D, NK_PAD] (PV_FP8) or 16-bit [B, Hkv, >=N_KV, D], strides (svb, svh, V_ROW,
@@ -278,7 +262,7 @@ def _attn(
         # loop body of one block best (H100, radial Wan 69 f at 128 x 128 tiles, D=128:
         # 15.5 ms with two unrolled blocks per tile, 13.2 ms this way).
         for j in range(0, n_plain * SUB):
-            tile = _load_index(FullIdx + i_off + j // SUB, ASM_INDEX)
+            tile = tl.load(FullIdx + i_off + j // SUB)
             acc, l_i, m_i = _attn_block(
                 acc, l_i, m_i, q, c_q, Kb, Vb, Ks, tile * TILE_N + (j % SUB) * BLOCK_N,
                 q_pos, row_ok, N_KV, V_ROW, V_COL, thr, Bits, 0, 0, PV_FP8, USE_PVT, BLOCK_M,
@@ -297,7 +281,7 @@ def _attn(
             first = tl.load(PartOff + lst)
             for j in range(0, n_part * SUB):
                 i = j // SUB
-                tile = _load_index(PartIdx + i_off + i, ASM_INDEX)
+                tile = tl.load(PartIdx + i_off + i)
                 Wb = Bits + (first + i) * (BLOCK_M * WORDS)
                 acc, l_i, m_i = _attn_block(
                     acc, l_i, m_i, q, c_q, Kb, Vb, Ks, tile * TILE_N + (j % SUB) * BLOCK_N,

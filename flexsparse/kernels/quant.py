@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import weakref
 from dataclasses import dataclass
 
@@ -86,9 +85,6 @@ BITS_GATHER = False
 #: 6.01 ms, every tile kept 11.3 / 10.5 ms (H100, ``--part lists``).
 TILE_SPEED = {(64, 128): 1.0, (64, 64): 1.0, (128, 128): 1.0, (128, 64): 0.94}
 PARTIAL_COST = 1.6
-#: Tile indices read by a plain global load inside the kernel instead of Triton's pipelined
-#: ``cp.async`` (which made every iteration wait for all loads in flight). Benchmarks flip it.
-PLAIN_INDEX_LOADS = True
 #: Query tiles of a tile list in ``row_order`` (False: index order). Benchmarks flip it.
 ROW_ORDER = True
 #: Max over mean work per query tile above which ``row_order`` puts the longest first.
@@ -711,7 +707,6 @@ def quant_attention(
         MODE=mode, PV_FP8=fp8, USE_PVT=pvt is not None,
         HAS_PARTIAL=lists is not None and lists.n_partial > 0,
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, TILE_N=tile_n, D=d, BITS_GATHER=BITS_GATHER,
-        ASM_INDEX=PLAIN_INDEX_LOADS and os.environ.get("TRITON_INTERPRET") != "1",
         num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}),
     )
