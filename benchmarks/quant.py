@@ -237,13 +237,37 @@ def order_part(gen) -> list[dict]:
 #: warps, pipeline stages, register cap. None: the default (``quant.CONFIGS``).
 LIST_VARIANTS = {
     "default": {},
-    "bm64 bn64 w4 s3": dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
-    "bm64 bn64 w4 s2": dict(block_m=64, block_n=64, num_warps=4, num_stages=2),
-    "bm64 bn128 w4 s2": dict(block_m=64, block_n=128, num_warps=4, num_stages=2),
-    "bm64 bn128 w4 s3": dict(block_m=64, block_n=128, num_warps=4, num_stages=3),
-    "bm128 bn64 w4 s3 r168": dict(block_m=128, block_n=64, num_warps=4, num_stages=3,
-                                  maxnreg=168),
+    "no register cap": dict(maxnreg=0),
+    "bn128 w4 s3 (D=64 default before the cap)": dict(block_n=128, num_warps=4,
+                                                      num_stages=3),
 }
+
+
+def timed_row(rows, case, impl, fn, base, ops=None, kept=1.0) -> None:
+    """Time ``fn`` (``ms_of``) into a row of table "lists" (effective TOPS when ``ops``
+    is given); a launch that does not fit (shared memory, registers) is printed and
+    skipped."""
+    try:
+        ms = ms_of(fn)
+    except Exception as exc:  # noqa: BLE001 - a variant may not fit
+        print(f"{case} {impl}: {str(exc)[:160]}", flush=True)
+        return
+    row = dict(table="lists", case=case, impl=impl, ms=ms, vs_cudnn=base / ms)
+    if ops is not None:
+        row.update(kept=kept, tops=ops * kept / ms / 1e9)
+    rows.append(row)
+    print(row, flush=True)
+
+
+def launch_variants(rows, case, variants, q, k, v, base, tile_n=128, ops=None, kept=1.0,
+                    **kw) -> None:
+    """``timed_row`` of ``quant_attention(q, k, v, **kw)`` per launch variant (a dict of
+    launch overrides by label); variants whose key blocks exceed ``tile_n`` are skipped."""
+    for label, var in variants.items():
+        if var.get("block_n", 0) > tile_n:
+            continue
+        timed_row(rows, case, f"kernel {label}",
+                  functools.partial(quant_attention, q, k, v, **kw, **var), base, ops, kept)
 
 
 def lists_part(gen) -> list[dict]:
@@ -256,23 +280,8 @@ def lists_part(gen) -> list[dict]:
 
     rows = []
 
-    def run(case, impl, kept, fn, ops, base):
-        try:
-            ms = ms_of(fn)
-        except Exception as exc:  # noqa: BLE001 - a variant may not fit (shared memory)
-            print(f"{case} {impl}: {str(exc)[:160]}", flush=True)
-            return
-        rows.append(dict(table="lists", case=case, impl=impl, kept=kept, ms=ms,
-                         tops=ops * kept / ms / 1e9, vs_cudnn=base / ms))
-        print(rows[-1], flush=True)
-
     def variants(case, kept, q, k, v, ops, base, tile_n=128, **kw):
-        for label, var in LIST_VARIANTS.items():
-            var = dict(var)
-            if var.get("block_n", 0) > tile_n:
-                continue
-            run(case, f"kernel {label}", kept,
-                functools.partial(quant_attention, q, k, v, **kw, **var), ops, base)
+        launch_variants(rows, case, LIST_VARIANTS, q, k, v, base, tile_n, ops, kept, **kw)
 
     def kept_of(bm, tile, n):
         lists = tile_lists(bm)
@@ -304,8 +313,8 @@ def lists_part(gen) -> list[dict]:
         variants(name, kept, q, k, v, ops, base, tile_n=tile[1], block_mask=bm)
         if whole is not None:
             for backend in ("quant", "auto"):
-                run(name, f"fs.attention {backend}", kept, functools.partial(
-                    fs.attention, q, k, v, mask=whole, backend=backend), ops, base)
+                timed_row(rows, name, f"fs.attention {backend}", functools.partial(
+                    fs.attention, q, k, v, mask=whole, backend=backend), base, ops, kept)
     del q, k, v
     for name in ("wan 69f", "hunyuan 117f"):
         model, decay = RADIAL[name][0], RADIAL[name][4]
@@ -322,8 +331,8 @@ def lists_part(gen) -> list[dict]:
             bm = mask.block_mask(n, n, device="cuda", block_size=tile, noop=True)
             variants(f"{name} radial {tile[0]}x{tile[1]}", kept_of(bm, tile, n), q, k, v,
                      ops, base, tile_n=tile[1], block_mask=bm)
-        run(f"{name} radial", "fs.attention auto", kept_of(bm, tile, n), functools.partial(
-            fs.attention, q, k, v, mask=mask, backend="auto"), ops, base)
+        timed_row(rows, f"{name} radial", "fs.attention auto", functools.partial(
+            fs.attention, q, k, v, mask=mask, backend="auto"), base, ops, kept_of(bm, tile, n))
         del q, k, v
         torch.cuda.empty_cache()
     return rows
@@ -352,17 +361,8 @@ def d128_part(gen) -> list[dict]:
     for tile in ((128, 128), (128, 64)):
         bm = mask.block_mask(n, n, device="cuda", block_size=tile, noop=True)
         tile_lists(bm)
-        for label, var in D128_VARIANTS.items():
-            if var.get("block_n", 0) > tile[1]:
-                continue
-            try:
-                ms = ms_of(functools.partial(quant_attention, q, k, v, block_mask=bm, **var))
-            except Exception as exc:  # noqa: BLE001 - a variant may not fit
-                print(f"{label}: {str(exc)[:160]}", flush=True)
-                continue
-            rows.append(dict(table="lists", case=f"{name} radial {tile[0]}x{tile[1]}",
-                             impl=f"kernel {label}", ms=ms, vs_cudnn=base / ms))
-            print(rows[-1], flush=True)
+        launch_variants(rows, f"{name} radial {tile[0]}x{tile[1]}", D128_VARIANTS, q, k, v,
+                        base, tile[1], block_mask=bm)
     return rows
 
 
@@ -374,16 +374,10 @@ def stages_part(gen) -> list[dict]:
 
     rows = []
 
+    depths = {f"s{ns}": dict(num_stages=ns) for ns in (3, 4, 5)}
+
     def sweep(case, q, k, v, base, **kw):
-        for ns in (3, 4, 5):
-            try:
-                ms = ms_of(functools.partial(quant_attention, q, k, v, num_stages=ns, **kw))
-            except Exception as exc:  # noqa: BLE001 - shared memory may not fit
-                print(f"{case} s{ns}: {str(exc)[:160]}", flush=True)
-                continue
-            rows.append(dict(table="lists", case=case, impl=f"kernel s{ns}", ms=ms,
-                             vs_cudnn=base / ms))
-            print(rows[-1], flush=True)
+        launch_variants(rows, case, depths, q, k, v, base, **kw)
 
     q, k, v = video_like(0, "cuda")
     n = q.shape[2]
