@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import banded_tiles, time_ms, write_table  # noqa: E402,F401  (banded_tiles: old import path)
+from common import banded_tiles, queued_ms, time_ms, write_table  # noqa: E402,F401  (banded_tiles: old import path)
 
 import flexsparse as fs  # noqa: E402
 from flexsparse import backends, masks  # noqa: E402
@@ -48,7 +48,8 @@ RADIAL = {
 }
 MEANSIM = ((0.6, 0.98), (0.35, 0.98), (0.3, 0.9))
 SAMPLE_ROWS = 256
-COLUMNS = ["case", "kernel", "ms", "x cuDNN", "tiles skipped", "rel L1", "rel L2", "note"]
+COLUMNS = ["case", "kernel", "ms", "x cuDNN", "ms queued", "x cuDNN queued", "tiles skipped",
+           "rel L1", "rel L2", "note"]
 
 
 def cudnn(q, k, v):
@@ -91,18 +92,22 @@ def skipped(bm) -> float:
 def run_case(name, q, k, v, mask, reps, rows, error_mask="same"):
     """Time every kernel on one case and append the rows."""
     dense_ms = time_ms(lambda: cudnn(q, k, v), warmup=2, reps=reps)
+    dense_queued = queued_ms(lambda: cudnn(q, k, v), warmup=2, reps=reps)
     out = cudnn(q, k, v)
     ref_mask = None if error_mask == "dense" else mask
     dynamic = isinstance(mask, fs.DynamicMask)
 
-    def add(kernel, ms, out, tiles=float("nan"), note=""):
+    def add(kernel, ms, out, tiles=float("nan"), note="", fn=None):
         l1, l2 = sampled_error(out, q, k, v, ref_mask) if out is not None else (None, None)
+        queued = queued_ms(fn, warmup=2, reps=reps) if fn is not None else None
         rows.append({"case": name, "kernel": kernel, "ms": ms, "x cuDNN": dense_ms / ms,
+                     "ms queued": queued,
+                     "x cuDNN queued": None if queued is None else dense_queued / queued,
                      "tiles skipped": tiles, "rel L1": l1, "rel L2": l2, "note": note})
         print(rows[-1], flush=True)
 
     # cuDNN is exact only for a mask that keeps everything: its error row measures the mask
-    add("cuDNN dense", dense_ms, out, 0.0, "peer")
+    add("cuDNN dense", dense_ms, out, 0.0, "peer", lambda: cudnn(q, k, v))
     bound = mask.bind(q, k) if dynamic else mask
     bm = bound.block_mask(q.shape[2], device=q.device, heads=bound.heads, batch=bound.batch,
                           block_size=bound.native_block_size or 128)
@@ -113,10 +118,11 @@ def run_case(name, q, k, v, mask, reps, rows, error_mask="same"):
     choice = fs.explain(q, k, v, mask)
     note = f"picked {choice.backend}" + ("; prediction dropped" if choice.notes else "")
     add("auto", time_ms(lambda: fs.attention(q, k, v, mask), warmup=2, reps=reps),
-        fs.attention(q, k, v, mask), tiles, note)
+        fs.attention(q, k, v, mask), tiles, note, lambda: fs.attention(q, k, v, mask))
     add("flex (tuned)", time_ms(lambda: fs.attention(q, k, v, mask, backend="flex"),
                                 warmup=2, reps=reps),
-        fs.attention(q, k, v, mask, backend="flex"), tiles)
+        fs.attention(q, k, v, mask, backend="flex"), tiles,
+        fn=lambda: fs.attention(q, k, v, mask, backend="flex"))
     compiled = backends.compiled_flex()
 
     def flex_default(predict: bool):
@@ -139,7 +145,8 @@ def run_case(name, q, k, v, mask, reps, rows, error_mask="same"):
         return
     add("quant", time_ms(lambda: fs.attention(q, k, v, mask, backend="quant"), warmup=2,
                          reps=reps),
-        fs.attention(q, k, v, mask, backend="quant"), tiles)
+        fs.attention(q, k, v, mask, backend="quant"), tiles,
+        fn=lambda: fs.attention(q, k, v, mask, backend="quant"))
 
 
 def crossover(reps: int) -> list[dict]:
@@ -207,7 +214,11 @@ def main() -> None:
                              f"{', '.join([*RADIAL, 'meansim'])}")
         torch.cuda.empty_cache()
     notes = [
-        "ms: median of CUDA-event timings after 2 warm-up calls; x cuDNN: cuDNN dense ms / ms.",
+        "ms: median of CUDA-event timings after 2 warm-up calls, the GPU synchronised after "
+        "each call (host time before the first launch counts); x cuDNN: cuDNN dense ms / ms.",
+        "ms queued: the same calls queued back to back, no synchronisation between them "
+        "(triton.testing.do_bench's method; host time overlaps the GPU work before it, as "
+        "in a model's forward pass); x cuDNN queued: against cuDNN timed the same way.",
         "meansim rows (auto, flex, torch defaults, quant) include the predictor "
         "(predict + bind + BlockMask); the 'meansim predictor' row is that part alone.",
         f"rel L1 / L2: {SAMPLE_ROWS} query rows of batch 0, all heads, vs fp32 attention "

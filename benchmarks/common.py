@@ -47,17 +47,34 @@ def time_ms(
 ) -> float:
     """Median milliseconds of ``reps`` calls of ``fn`` after ``warmup`` calls.
 
-    ``clock``: ``"events"`` (CUDA events around each call; needs CUDA) or ``"wall"`` (host
-    clock, the GPU synchronised before and after each call); None picks events on CUDA.
+    ``clock``:
+      - ``"events"``: CUDA events around each call, the GPU synchronised after each, so
+        the host time before a call's first launch counts (a call on its own);
+      - ``"queued"``: CUDA events around each call, no synchronisation between calls
+        (``triton.testing.do_bench``'s method): a call's host time overlaps the GPU work
+        queued before it, as in a model's forward pass, and counts only where the host
+        falls behind the GPU;
+      - ``"wall"``: host clock, the GPU synchronised before and after each call.
+    None picks events on CUDA. ``events`` and ``queued`` need CUDA.
     """
     use_cuda = torch.cuda.is_available()
     clock = clock or ("events" if use_cuda else "wall")
-    if clock not in ("events", "wall"):
-        raise ValueError(f"clock must be 'events' or 'wall', got {clock!r}")
-    if clock == "events" and not use_cuda:
-        raise ValueError("clock='events' needs CUDA; use clock='wall' on the CPU")
+    if clock not in ("events", "queued", "wall"):
+        raise ValueError(f"clock must be 'events', 'queued' or 'wall', got {clock!r}")
+    if clock != "wall" and not use_cuda:
+        raise ValueError(f"clock={clock!r} needs CUDA; use clock='wall' on the CPU")
     for _ in range(warmup):
         fn()
+    if clock == "queued":
+        torch.cuda.synchronize()
+        marks = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                 for _ in range(reps)]
+        for start, end in marks:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return statistics.median(start.elapsed_time(end) for start, end in marks)
     times = []
     for _ in range(reps):
         if clock == "events":
@@ -82,6 +99,11 @@ def time_ms(
 def cuda_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 20) -> float:
     """``time_ms`` with CUDA events."""
     return time_ms(fn, warmup, reps, clock="events")
+
+
+def queued_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 20) -> float:
+    """``time_ms`` with CUDA events and no synchronisation between calls."""
+    return time_ms(fn, warmup, reps, clock="queued")
 
 
 def wall_ms(fn: Callable[[], object], reps: int = 1) -> float:

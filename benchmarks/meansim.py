@@ -305,7 +305,7 @@ def _host_stages(q, k, v, mask) -> dict:
 
     out = {}
     if hasattr(fa, "_bind_counted"):  # this version: the map counted, then one walk
-        (bound, census), out["bind + count"] = wall(lambda: fa._bind_counted(mask, q, k))
+        (bound, census), out["bind + count"] = wall(lambda: fa._bind_counted(mask, q, k, v))
         gqa, scale = False, q.shape[-1] ** -0.5
         call = fa.AttentionCall(q, k, v, bound, scale, gqa, None, None, (), census)
         (chosen, _), out["walk (census known)"] = wall(lambda: fa._walk(call))

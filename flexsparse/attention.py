@@ -291,7 +291,12 @@ def _census(mask: Mask, q_len: int, kv_len: int, device) -> tuple[tuple[int, int
     return size, TileCounts(states.numel() - partial - full, partial, full)
 
 
-def _bind_counted(dyn: DynamicMask, q: Tensor, k: Tensor):
+#: Build a predicted map's BlockMask before its tile count is read back (CUDA). Benchmarks
+#: flip it.
+PRELOWER = True
+
+
+def _bind_counted(dyn: DynamicMask, q: Tensor, k: Tensor, v: Tensor):
     """``(bound mask, (tile size, TileCounts))`` of a predictor for this call.
 
     A predictor that hands over its tile map (``bind_tiles``: meansim) is counted on the
@@ -309,13 +314,16 @@ def _bind_counted(dyn: DynamicMask, q: Tensor, k: Tensor):
     if size is None or (k.shape[2] - q.shape[2]) % size[0]:
         return bound, _census(bound, q.shape[2], k.shape[2], q.device)
     kept = tiles.sum()
-    if q.is_cuda:
+    if q.is_cuda and PRELOWER:
         # Lower the map while the GPU is still predicting, before the host read: the read
         # then waits for prediction and lowering together instead of the host lowering
         # after it with the GPU idle (0.33 ms of a 9 ms meansim call, H100). A dropped
         # prediction leaves this BlockMask unused (cached on the bound mask only).
+        needs_backward = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (q, k, v))
         bound.block_mask(q.shape[2], k.shape[2], device=q.device, heads=bound.heads,
-                         batch=bound.batch, block_size=tuple(size), noop=True)
+                         batch=bound.batch, block_size=tuple(size), noop=True,
+                         backward=needs_backward)
     kept = int(kept)
     return bound, (tuple(size), TileCounts(tiles.numel() - kept, 0, kept))
 
@@ -342,7 +350,7 @@ def _prepare(q, k, v, mask, scale, backend, enable_gqa, block_size, compile, eve
     # Data-dependent map: whether skipping its tiles pays is decided from the counted map
     # before any BlockMask is built; the walk on the prediction alone reads the census
     # (the crossover is that of the backend that would run the prediction).
-    bound, census = _bind_counted(dyn, q, k)
+    bound, census = _bind_counted(dyn, q, k, v)
     probe = make(bound, census=census)
     chosen, choice = _walk(probe, every and rest is None)
     kept = census[1].kept_fraction

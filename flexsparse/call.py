@@ -78,6 +78,13 @@ class AttentionCall:
     def head_dim(self) -> int:
         return self.q.shape[3]
 
+    @property
+    def needs_backward(self) -> bool:
+        """Autograd is on and one of q, k, v requires a gradient."""
+        return torch.is_grad_enabled() and any(
+            t.requires_grad for t in (self.q, self.k, self.v)
+        )
+
     def block_mask(self, block_size: tuple[int, int], *, noop: bool = True) -> BlockMask:
         """The mask's ``BlockMask`` for this call at ``block_size`` tiles (cached on the
         mask). With ``noop`` (the default: kernels that read the tile lists) a map whose
@@ -88,7 +95,7 @@ class AttentionCall:
         mask = full() if self.mask is None else self.mask
         return mask.block_mask(
             self.q_len, self.kv_len, device=self.device, heads=mask.heads, batch=mask.batch,
-            block_size=block_size, noop=noop,
+            block_size=block_size, noop=noop, backward=self.needs_backward,
         )
 
     def tile_counts(self, block_size: tuple[int, int]) -> TileCounts:

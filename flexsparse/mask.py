@@ -319,6 +319,7 @@ class Mask:
         batch: int | None = None,
         block_size: int | tuple[int, int] = 128,
         noop: bool = False,
+        backward: bool = True,
     ) -> BlockMask:
         """The FlexAttention ``BlockMask`` for a ``q_len x kv_len`` call, cached per shape,
         device, heads, batch and block size. Built from the tile rule when the mask has
@@ -328,14 +329,19 @@ class Mask:
         pattern's ``mask_mod`` (faster compiled kernels). Only compiled FlexAttention may
         use such a BlockMask: eager FlexAttention ignores the tile lists and applies only
         ``mask_mod``, so the default is False; ``flexsparse.attention`` passes True where
-        it runs FlexAttention compiled."""
+        it runs FlexAttention compiled.
+
+        ``backward``: also build the query-side lists that FlexAttention's backward reads
+        (tile-rule masks; ``create_block_mask`` always builds them). ``flexsparse.attention``
+        passes False for calls that need no gradient."""
         kv_len = q_len if kv_len is None else kv_len
         q_len, kv_len = self.check_lengths(q_len, kv_len)
         heads, batch = self._check_heads(heads), self._check_batch(batch)
         bq, bk = block_pair("block_size", block_size)
         device = torch.device(device)
         noop = check_bool("noop", noop)
-        key = (q_len, kv_len, str(device), heads, batch, bq, bk, noop)
+        backward = check_bool("backward", backward)
+        key = (q_len, kv_len, str(device), heads, batch, bq, bk, noop, backward)
         hit = self._cache_get(self._block_mask_cache, key)
         if hit is not None:
             return hit
@@ -347,7 +353,7 @@ class Mask:
             binary = (self.binary_tiles and self.native_block_size == (bq, bk)
                       and (kv_len - q_len) % bq == 0)
             bm = T.to_block_mask(states, mod, q_len, kv_len, bq, bk, noop=noop,
-                                 has_partial=False if binary else None)
+                                 has_partial=False if binary else None, backward=backward)
         else:
             bm = create_block_mask(
                 mod, self.batch, self.heads, q_len, kv_len, device=device, BLOCK_SIZE=(bq, bk)

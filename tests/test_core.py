@@ -326,3 +326,27 @@ def test_frame_window_tile_rule_exact(position, text):
     q, k, v = qkv(1, 2, 2, lay.length, lay.length)
     out = fs.attention(q, k, v, mask, backend="flex", block_size=32)
     torch.testing.assert_close(out, fs.reference(q, k, v, mask), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("n", [77, 256])
+def test_query_side_lists_only_for_backward(n):
+    """``backward=False`` drops the query-side lists (backward's) and nothing else; a call
+    asks for them exactly when it needs a gradient (FlexAttention's backward runs on CUDA
+    only: the gradient is checked in tests/gpu/test_core_gpu.py)."""
+    for mask in basic_masks(n):
+        with_q = mask.block_mask(n, n, block_size=32)
+        without = mask.block_mask(n, n, block_size=32, backward=False)
+        assert without is not with_q, mask.name
+        assert without.q_num_blocks is None and without.full_q_num_blocks is None, mask.name
+        for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+            assert torch.equal(getattr(without, name), getattr(with_q, name)), (mask.name, name)
+        assert with_q.q_num_blocks is not None and with_q.full_q_indices is not None
+    from flexsparse.call import AttentionCall
+
+    q, k, v = qkv(1, 2, 2, n, n)
+    call = AttentionCall(q, k, v, masks.causal(), q.shape[-1] ** -0.5, False)
+    assert not call.needs_backward
+    q.requires_grad_(True)
+    assert call.needs_backward
+    with torch.no_grad():
+        assert not call.needs_backward

@@ -377,7 +377,7 @@ def test_census_of_a_predicted_map_equals_its_block_masks(q_len, n):
     k = base + torch.randn(2, 2, n, 16)
     q = (base + torch.randn(2, 2, n, 16))[:, :, -q_len:]
     dyn = masks.meansim(torch.tensor([-0.2, 0.1]), cdfthreshd=0.4, block_q=32, block_kv=16)
-    bound, (size, counts) = fa._bind_counted(dyn, q, k)
+    bound, (size, counts) = fa._bind_counted(dyn, q, k, k)
     assert size == (32, 16)
     bm = bound.block_mask(q_len, n, heads=bound.heads, batch=bound.batch, block_size=size)
     assert counts == _count_tiles(bm)
@@ -391,7 +391,7 @@ def test_kept_prediction_runs_the_counted_call(monkeypatch):
     q, k, v = qkv(n=n)
     monkeypatch.setitem(fa.DENSE_CROSSOVER, "sdpa", 0.85)
     dyn = masks.meansim(0.0, cdfthreshd=0.5, block_q=32, block_kv=16)
-    bound, (_, counts) = fa._bind_counted(dyn, q, k)
+    bound, (_, counts) = fa._bind_counted(dyn, q, k, k)
     assert counts.kept_fraction < 0.85
     built = count_block_masks(monkeypatch)
     choice = fs.explain(q, k, v, dyn)

@@ -104,3 +104,31 @@ def test_eager_flex_on_cuda_keeps_the_rule_of_a_block_granular_map():
     for compile in (False, True):
         out = fs.attention(q, k, v, mask, backend="flex", compile=compile)
         assert (out.double().cpu() - ref).abs().max() < 1e-3, compile
+
+
+def test_flex_gradients_use_the_query_side_lists():
+    """A call that needs gradients gets a BlockMask with the query-side lists (an inference
+    call's has none), and compiled FlexAttention's backward on it matches SDPA's gradients
+    on the dense mask."""
+    layout = fs.VideoLayout(frames=3, tokens_per_frame=300, text_tokens=37)
+    n = layout.length
+    q, k, v = (torch.randn(1, 2, n, 64, device="cuda", dtype=torch.float32) for _ in range(3))
+    grad_out = torch.randn_like(q)
+    # (not the inverted window: SDPA gives NaN on its fully masked rows)
+    for mask in gpu_masks(layout)[:3]:
+        with torch.no_grad():
+            fs.attention(q, k, v, mask, backend="flex")
+        assert mask.block_mask(n, n, device="cuda", block_size=128, noop=True,
+                               backward=False).q_num_blocks is None
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        (fs.attention(*leaves, mask, backend="flex") * grad_out).sum().backward()
+        got = [t.grad for t in leaves]
+        assert mask.block_mask(n, n, device="cuda", block_size=128, noop=True,
+                               backward=True).q_num_blocks is not None
+        ref_leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        dense = mask.to_dense(n, n, device="cuda")
+        ref = torch.nn.functional.scaled_dot_product_attention(*ref_leaves, attn_mask=dense)
+        (ref * grad_out).sum().backward()
+        for name, a, b in zip("qkv", got, (t.grad for t in ref_leaves)):
+            err = (a - b).norm() / b.norm()
+            assert err < 1e-2, (mask.name, name, err.item())

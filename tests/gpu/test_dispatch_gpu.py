@@ -130,7 +130,7 @@ def test_kept_meansim_prediction_matches_reference():
     base = torch.randn(1, 4, 1, 64, device="cuda", dtype=torch.bfloat16)
     q, k = q + 2 * base, k + 2 * base
     dyn = masks.meansim(0.0, cdfthreshd=0.6)
-    bound, (_, counts) = fa._bind_counted(dyn, q, k)
+    bound, (_, counts) = fa._bind_counted(dyn, q, k, k)
     assert counts.partial == 0 and 0.05 < counts.kept_fraction < 0.8
     choice = fs.explain(q, k, v, dyn)
     assert choice.notes == () and choice.backend in ("flex", "quant")
