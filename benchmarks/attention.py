@@ -1,7 +1,7 @@
 """``fs.attention(backend="auto")`` against cuDNN dense and FlexAttention on the same mask.
 
     python benchmarks/attention.py [--quick] [--cases cogvideox,wan,hunyuan,meansim]
-                                   [--no-crossover] [--results PATH]
+                                   [--rounds R] [--no-crossover] [--results PATH]
 
 Cases (bf16, one H100-filling shape each; heads chosen so that one call takes 5-100 ms):
 - radial CogVideoX-2b 49 x 480 x 720 (17,776 tokens, decay 1.0): B=2 (CFG), H=30, D=64,
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -89,40 +90,17 @@ def skipped(bm) -> float:
     return 1 - kept / total
 
 
-def run_case(name, q, k, v, mask, reps, rows, error_mask="same"):
-    """Time every kernel on one case and append the rows."""
-    dense_ms = time_ms(lambda: cudnn(q, k, v), warmup=2, reps=reps)
-    dense_queued = queued_ms(lambda: cudnn(q, k, v), warmup=2, reps=reps)
-    out = cudnn(q, k, v)
+def run_case(name, q, k, v, mask, reps, rows, rounds=1, error_mask="same"):
+    """Time every kernel on one case and append the rows. With ``rounds`` > 1 the kernels
+    are timed in turn, round after round, and each row gives the median round: the
+    card's clock drifts under sustained load (one H100 gave cuDNN 46.4 ms, then 53.2 ms
+    within one run), so kernels timed in one block each would compare different clocks."""
     ref_mask = None if error_mask == "dense" else mask
     dynamic = isinstance(mask, fs.DynamicMask)
-
-    def add(kernel, ms, out, tiles=float("nan"), note="", fn=None):
-        l1, l2 = sampled_error(out, q, k, v, ref_mask) if out is not None else (None, None)
-        queued = queued_ms(fn, warmup=2, reps=reps) if fn is not None else None
-        rows.append({"case": name, "kernel": kernel, "ms": ms, "x cuDNN": dense_ms / ms,
-                     "ms queued": queued,
-                     "x cuDNN queued": None if queued is None else dense_queued / queued,
-                     "tiles skipped": tiles, "rel L1": l1, "rel L2": l2, "note": note})
-        print(rows[-1], flush=True)
-
-    # cuDNN is exact only for a mask that keeps everything: its error row measures the mask
-    add("cuDNN dense", dense_ms, out, 0.0, "peer", lambda: cudnn(q, k, v))
     bound = mask.bind(q, k) if dynamic else mask
     bm = bound.block_mask(q.shape[2], device=q.device, heads=bound.heads, batch=bound.batch,
                           block_size=bound.native_block_size or 128)
     tiles = skipped(bm)
-    if dynamic:
-        pred_ms = time_ms(lambda: mask.bind(q, k), warmup=2, reps=reps)
-        add("meansim predictor", pred_ms, None, tiles, "predict + bind alone")
-    choice = fs.explain(q, k, v, mask)
-    note = f"picked {choice.backend}" + ("; prediction dropped" if choice.notes else "")
-    add("auto", time_ms(lambda: fs.attention(q, k, v, mask), warmup=2, reps=reps),
-        fs.attention(q, k, v, mask), tiles, note, lambda: fs.attention(q, k, v, mask))
-    add("flex (tuned)", time_ms(lambda: fs.attention(q, k, v, mask, backend="flex"),
-                                warmup=2, reps=reps),
-        fs.attention(q, k, v, mask, backend="flex"), tiles,
-        fn=lambda: fs.attention(q, k, v, mask, backend="flex"))
     compiled = backends.compiled_flex()
 
     def flex_default(predict: bool):
@@ -133,20 +111,60 @@ def run_case(name, q, k, v, mask, reps, rows, error_mask="same"):
         opts = {"BLOCK_N": b.BLOCK_SIZE[1]} if b.BLOCK_SIZE[1] < 128 else None
         return compiled(q, k, v, block_mask=b, kernel_options=opts)
 
-    try:
-        add("flex (torch defaults)", time_ms(lambda: flex_default(True), warmup=2, reps=reps),
-            flex_default(False), tiles)
-    except Exception as exc:  # noqa: BLE001 - report and go on
-        add("flex (torch defaults)", float("nan"), None, tiles, type(exc).__name__)
+    choice = fs.explain(q, k, v, mask)
+    # (kernel, timed call, output for the error columns, note, also on the queued clock)
+    entries = [("cuDNN dense", lambda: cudnn(q, k, v), lambda: cudnn(q, k, v), "peer", True)]
+    if dynamic:
+        entries.append(("meansim predictor", lambda: mask.bind(q, k), None,
+                        "predict + bind alone", False))
+    entries += [
+        ("auto", lambda: fs.attention(q, k, v, mask), lambda: fs.attention(q, k, v, mask),
+         f"picked {choice.backend}" + ("; prediction dropped" if choice.notes else ""), True),
+        ("flex (tuned)", lambda: fs.attention(q, k, v, mask, backend="flex"),
+         lambda: fs.attention(q, k, v, mask, backend="flex"), "", True),
+        ("flex (torch defaults)", lambda: flex_default(True), lambda: flex_default(False), "",
+         False),
+    ]
     try:
         fs.explain(q, k, v, mask, backend="quant")
+        entries.append(("quant", lambda: fs.attention(q, k, v, mask, backend="quant"),
+                        lambda: fs.attention(q, k, v, mask, backend="quant"), "", True))
     except ValueError as exc:
-        rows.append({"case": name, "kernel": "quant", "note": f"n/a: {str(exc)[:80]}"})
-        return
-    add("quant", time_ms(lambda: fs.attention(q, k, v, mask, backend="quant"), warmup=2,
-                         reps=reps),
-        fs.attention(q, k, v, mask, backend="quant"), tiles,
-        fn=lambda: fs.attention(q, k, v, mask, backend="quant"))
+        quant_na = f"n/a: {str(exc)[:80]}"
+    else:
+        quant_na = None
+    sync: dict[str, list[float]] = {e[0]: [] for e in entries}
+    queued: dict[str, list[float]] = {e[0]: [] for e in entries}
+    failed: dict[str, str] = {}
+    for _ in range(rounds):
+        for kernel, fn, _, _, with_queued in entries:
+            if kernel in failed:
+                continue
+            try:
+                sync[kernel].append(time_ms(fn, warmup=2, reps=reps))
+                if with_queued:
+                    queued[kernel].append(queued_ms(fn, warmup=2, reps=reps))
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                failed[kernel] = type(exc).__name__
+    dense_ms = statistics.median(sync["cuDNN dense"])
+    dense_queued = statistics.median(queued["cuDNN dense"])
+    for kernel, _, out_fn, note, _ in entries:
+        if kernel in failed:
+            rows.append({"case": name, "kernel": kernel, "tiles skipped": tiles,
+                         "note": failed[kernel]})
+            continue
+        ms = statistics.median(sync[kernel])
+        ms_q = statistics.median(queued[kernel]) if queued[kernel] else None
+        l1, l2 = (sampled_error(out_fn(), q, k, v, ref_mask) if out_fn is not None
+                  else (None, None))
+        rows.append({"case": name, "kernel": kernel, "ms": ms, "x cuDNN": dense_ms / ms,
+                     "ms queued": ms_q,
+                     "x cuDNN queued": None if ms_q is None else dense_queued / ms_q,
+                     "tiles skipped": 0.0 if kernel == "cuDNN dense" else tiles,
+                     "rel L1": l1, "rel L2": l2, "note": note})
+        print(rows[-1], flush=True)
+    if quant_na is not None:
+        rows.append({"case": name, "kernel": "quant", "note": quant_na})
 
 
 def crossover(reps: int) -> list[dict]:
@@ -182,6 +200,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--cases", default="cogvideox,wan,hunyuan,meansim")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time the kernels of a case in turn this many times (median)")
     ap.add_argument("--no-crossover", action="store_true")
     ap.add_argument("--results", default=None, help="append the markdown tables here")
     args = ap.parse_args()
@@ -199,7 +219,7 @@ def main() -> None:
                                    dtype=torch.bfloat16, generator=g) for _ in range(3))
             name = (f"radial {case} {c['video'][0]}f, {layout.length:,} tok, "
                     f"B={c['b']} H={c['h']} D={c['d']}")
-            run_case(name, q, k, v, mask, reps, rows)
+            run_case(name, q, k, v, mask, reps, rows, args.rounds)
             del q, k, v
         elif case == "meansim":
             from meansim import video_like
@@ -208,7 +228,7 @@ def main() -> None:
             for sim, cdf in MEANSIM:
                 mask = masks.meansim(sim, cdfthreshd=cdf)
                 name = f"meansim {sim}/{cdf}, {q.shape[2]:,} tok, B=2 H=30 D=64"
-                run_case(name, q, k, v, mask, reps, rows, error_mask="dense")
+                run_case(name, q, k, v, mask, reps, rows, args.rounds, error_mask="dense")
         else:
             raise SystemExit(f"--cases: unknown case {case!r}; allowed: "
                              f"{', '.join([*RADIAL, 'meansim'])}")
@@ -216,6 +236,8 @@ def main() -> None:
     notes = [
         "ms: median of CUDA-event timings after 2 warm-up calls, the GPU synchronised after "
         "each call (host time before the first launch counts); x cuDNN: cuDNN dense ms / ms.",
+        f"rounds: {args.rounds} (the kernels of a case timed in turn; each figure is the "
+        "median round).",
         "ms queued: the same calls queued back to back, no synchronisation between them "
         "(triton.testing.do_bench's method; host time overlaps the GPU work before it, as "
         "in a model's forward pass); x cuDNN queued: against cuDNN timed the same way.",
