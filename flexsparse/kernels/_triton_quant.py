@@ -29,8 +29,6 @@ LOG2_FP8_MAX = tl.constexpr(8.807354922057604)
 #: 1.5 * 2**23: for |x| < 2**22, float_bits(x + MAGIC_INT) - MAGIC_FLOAT == float(x).
 MAGIC_INT = tl.constexpr(0x4B400000)
 MAGIC_FLOAT = tl.constexpr(12582912.0)
-#: Columns of the row-sum product (``L_MMA``): P times a [BLOCK_N, LW] block of ones.
-LW = tl.constexpr(8)
 #: Floor of a block's absolute maximum, so that an all-zero block gets a finite scale.
 AMAX_EPS = tl.constexpr(1e-20)
 #: Slack (log2 units) of the pvthreshd test: the row that sets a new maximum has a gap of
@@ -112,7 +110,7 @@ def _attn_block(
     Wb, word0,
     MASK: tl.constexpr, PV_FP8: tl.constexpr, USE_PVT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, WORDS: tl.constexpr,
-    BITS_GATHER: tl.constexpr = False, L_MMA: tl.constexpr = False,
+    BITS_GATHER: tl.constexpr = False,
 ):
     """One (query tile, key block) step of the online softmax; scores in log2 units.
 
@@ -155,8 +153,7 @@ def _attn_block(
     if PV_FP8:
         shift = shift - LOG2_FP8_MAX
     p = tl.math.exp2(x * c - (shift + MAGIC_FLOAT * c)[:, None])
-    if not L_MMA:
-        l_i = l_i * alpha + tl.sum(p, 1)
+    l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     v_ptr = Vb + offs_n[:, None] * V_ROW + offs_d[None, :] * V_COL  # [BLOCK_N, D]
     if MASK == 0:
@@ -169,12 +166,7 @@ def _attn_block(
         gap = tl.max(tl.where(row_ok, m_blk - m_safe, float("-inf")), 0)
         acc += tl.dot(tl.where(gap >= -thr - PVT_SLACK, p, 0.0).to(v.dtype), v)
     else:
-        p16 = p.to(v.dtype)
-        acc += tl.dot(p16, v)
-        if L_MMA:
-            # The row sums on the tensor cores: P (as rounded for P·V) times ones.
-            ones = tl.full([BLOCK_N, LW], 1.0, tl.float32).to(v.dtype)
-            l_i = tl.dot(p16, ones, l_i * alpha[:, None])
+        acc += tl.dot(p.to(v.dtype), v)
     return acc, l_i, m_new
 
 
@@ -188,7 +180,7 @@ def _attn(
     MODE: tl.constexpr,  # 0 dense, 1 causal, 2 tile lists (full, then partial with bits)
     PV_FP8: tl.constexpr, USE_PVT: tl.constexpr, HAS_PARTIAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr,
-    BITS_GATHER: tl.constexpr = False, L_MMA: tl.constexpr = False,
+    BITS_GATHER: tl.constexpr = False,
 ):
     """One query tile of one (b, h). Q, K: int8 [B, H, N_PAD, D]; V: fp8
     [B, Hkv, D, NK_PAD] (PV_FP8) or 16-bit [B, Hkv, >=N_KV, D], strides (svb, svh, V_ROW,
@@ -229,10 +221,7 @@ def _attn(
         thr = tl.load(Pvt + h)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    if L_MMA:
-        l_i = tl.zeros([BLOCK_M, LW], tl.float32)
-    else:
-        l_i = tl.zeros([BLOCK_M], tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
 
     if MODE == 0:
@@ -240,12 +229,12 @@ def _attn(
         for start_n in range(0, n_full, BLOCK_N):
             acc, l_i, m_i = _attn_block(
                 acc, l_i, m_i, q, c_q, Kb, Vb, Ks, start_n, q_pos, row_ok, N_KV, V_ROW,
-                V_COL, thr, Bits, 0, 0, PV_FP8, USE_PVT, BLOCK_M, BLOCK_N, D, WORDS, L_MMA=L_MMA,
+                V_COL, thr, Bits, 0, 0, PV_FP8, USE_PVT, BLOCK_M, BLOCK_N, D, WORDS,
             )
         if n_full < N_KV:  # the ragged last block
             acc, l_i, m_i = _attn_block(
                 acc, l_i, m_i, q, c_q, Kb, Vb, Ks, n_full, q_pos, row_ok, N_KV, V_ROW,
-                V_COL, thr, Bits, 0, 1, PV_FP8, USE_PVT, BLOCK_M, BLOCK_N, D, WORDS, L_MMA=L_MMA,
+                V_COL, thr, Bits, 0, 1, PV_FP8, USE_PVT, BLOCK_M, BLOCK_N, D, WORDS,
             )
     elif MODE == 1:
         # Blocks every row of the tile sees in full, then the diagonal band.
@@ -254,12 +243,12 @@ def _attn(
         for start_n in range(0, lo_diag, BLOCK_N):
             acc, l_i, m_i = _attn_block(
                 acc, l_i, m_i, q, c_q, Kb, Vb, Ks, start_n, q_pos, row_ok, N_KV, V_ROW,
-                V_COL, thr, Bits, 0, 0, PV_FP8, USE_PVT, BLOCK_M, BLOCK_N, D, WORDS, L_MMA=L_MMA,
+                V_COL, thr, Bits, 0, 0, PV_FP8, USE_PVT, BLOCK_M, BLOCK_N, D, WORDS,
             )
         for start_n in range(lo_diag, hi, BLOCK_N):
             acc, l_i, m_i = _attn_block(
                 acc, l_i, m_i, q, c_q, Kb, Vb, Ks, start_n, q_pos, row_ok, N_KV, V_ROW,
-                V_COL, thr, Bits, 0, 2, PV_FP8, USE_PVT, BLOCK_M, BLOCK_N, D, WORDS, L_MMA=L_MMA,
+                V_COL, thr, Bits, 0, 2, PV_FP8, USE_PVT, BLOCK_M, BLOCK_N, D, WORDS,
             )
     else:
         lst = b.to(tl.int64) * snb + h.to(tl.int64) * snh + pid_m
@@ -277,14 +266,14 @@ def _attn(
             acc, l_i, m_i = _attn_block(
                 acc, l_i, m_i, q, c_q, Kb, Vb, Ks, tile * TILE_N + (j % SUB) * BLOCK_N,
                 q_pos, row_ok, N_KV, V_ROW, V_COL, thr, Bits, 0, 0, PV_FP8, USE_PVT, BLOCK_M,
-                BLOCK_N, D, WORDS, L_MMA=L_MMA,
+                BLOCK_N, D, WORDS,
             )
         if ragged:
             for s in tl.static_range(TILE_N // BLOCK_N):
                 acc, l_i, m_i = _attn_block(
                     acc, l_i, m_i, q, c_q, Kb, Vb, Ks, last * TILE_N + s * BLOCK_N, q_pos,
                     row_ok, N_KV, V_ROW, V_COL, thr, Bits, 0, 1, PV_FP8, USE_PVT, BLOCK_M,
-                    BLOCK_N, D, WORDS, L_MMA=L_MMA,
+                    BLOCK_N, D, WORDS,
                 )
         if HAS_PARTIAL:
             # Partial tiles: the token rule from the packed bits (0 past N_KV and N_Q).
@@ -297,11 +286,9 @@ def _attn(
                 acc, l_i, m_i = _attn_block(
                     acc, l_i, m_i, q, c_q, Kb, Vb, Ks, tile * TILE_N + (j % SUB) * BLOCK_N,
                     q_pos, row_ok, N_KV, V_ROW, V_COL, thr, Wb, (j % SUB) * (BLOCK_N // 32),
-                    3, PV_FP8, USE_PVT, BLOCK_M, BLOCK_N, D, WORDS, BITS_GATHER, L_MMA,
+                    3, PV_FP8, USE_PVT, BLOCK_M, BLOCK_N, D, WORDS, BITS_GATHER,
                 )
 
-    if L_MMA:
-        l_i = tl.max(l_i, 1)  # its columns are equal
     inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)
     out = acc * inv_l[:, None]
     if PV_FP8:

@@ -75,8 +75,6 @@ MAX_BITS_BYTES = 512 << 20
 #: Partial tiles: one word load per score element (True, the first version) or each
 #: row's words once (False). Benchmarks flip it to compare the two in one run.
 BITS_GATHER = False
-#: Row sums of P on the tensor cores (``_attn_block``'s ``L_MMA``). Benchmarks flip it.
-L_MMA = False
 #: Relative speed of the kernel on tile lists per (head_dim, tile_n) at its ``CONFIGS``,
 #: and the cost of a partial tile relative to a full one: what ``_tile_size`` weighs tile
 #: maps with. Measured on an H100, 2026-11-25 (``benchmarks/quant.py --part kernel``,
@@ -709,7 +707,6 @@ def quant_attention(
         MODE=mode, PV_FP8=fp8, USE_PVT=pvt is not None,
         HAS_PARTIAL=lists is not None and lists.n_partial > 0,
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, TILE_N=tile_n, D=d, BITS_GATHER=BITS_GATHER,
-        L_MMA=L_MMA and not fp8 and pvt is None,
         num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}),
     )
