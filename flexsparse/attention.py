@@ -30,7 +30,7 @@ from torch import Tensor
 from . import backends as _b
 from ._checks import block_pair, check_choice, check_float
 from .backends import DECODE_ROWS, FlexBackend, SdpaBackend
-from .call import AttentionCall, TileCounts
+from .call import AttentionCall, TileCounts, needs_backward
 from .mask import DynamicMask, Mask, _ComposedDynamic
 from .tiles import FULL, PARTIAL
 
@@ -319,11 +319,9 @@ def _bind_counted(dyn: DynamicMask, q: Tensor, k: Tensor, v: Tensor):
         # then waits for prediction and lowering together instead of the host lowering
         # after it with the GPU idle (0.33 ms of a 9 ms meansim call, H100). A dropped
         # prediction leaves this BlockMask unused (cached on the bound mask only).
-        needs_backward = torch.is_grad_enabled() and any(
-            t.requires_grad for t in (q, k, v))
         bound.block_mask(q.shape[2], k.shape[2], device=q.device, heads=bound.heads,
                          batch=bound.batch, block_size=tuple(size), noop=True,
-                         backward=needs_backward)
+                         backward=needs_backward(q, k, v))
     kept = int(kept)
     return bound, (tuple(size), TileCounts(tiles.numel() - kept, 0, kept))
 

@@ -81,9 +81,7 @@ class AttentionCall:
     @property
     def needs_backward(self) -> bool:
         """Autograd is on and one of q, k, v requires a gradient."""
-        return torch.is_grad_enabled() and any(
-            t.requires_grad for t in (self.q, self.k, self.v)
-        )
+        return needs_backward(self.q, self.k, self.v)
 
     def block_mask(self, block_size: tuple[int, int], *, noop: bool = True) -> BlockMask:
         """The mask's ``BlockMask`` for this call at ``block_size`` tiles (cached on the
@@ -110,6 +108,12 @@ class AttentionCall:
             hit = _count_tiles(bm)
             _COUNTS[bm] = hit
         return hit
+
+
+def needs_backward(*tensors: Tensor) -> bool:
+    """Autograd is on and one of ``tensors`` requires a gradient: a BlockMask for them
+    needs the query-side lists that FlexAttention's backward reads."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 @dataclass(frozen=True)

@@ -275,29 +275,29 @@ def to_block_mask(
     partial = states == PARTIAL
     if has_partial is None:
         has_partial = bool(partial.any())  # one host sync
-    q_num = q_idx = full_q_num = full_q_idx = None
     if not noop or has_partial:
-        kv_num, kv_idx = _ordered(partial)
-        if backward:
-            q_num, q_idx = _ordered(partial.transpose(-2, -1))
+        kv = _ordered(partial)
     else:
         mask_mod = noop_mask
-        kv_num = None
+        kv = None
     full_kv = _ordered(full)
-    if backward:
-        full_q_num, full_q_idx = _ordered(full.transpose(-2, -1))
-    if kv_num is None:
-        # No partial tiles: zero counts; the index tensors are never read past the counts.
-        kv_num, kv_idx = torch.zeros_like(full_kv[0]), full_kv[1]
-        if backward:
-            q_num, q_idx = torch.zeros_like(full_q_num), full_q_idx
+    q = full_q = (None, None)
+    if backward:  # the same lists of the transposed map
+        full_q = _ordered(full.transpose(-2, -1))
+        q = _ordered(partial.transpose(-2, -1)) if kv is not None else _none_listed(full_q)
     bm = _block_mask(
-        (q_len, kv_len), (kv_num, kv_idx), full_kv, (q_num, q_idx), (full_q_num, full_q_idx),
+        (q_len, kv_len), kv or _none_listed(full_kv), full_kv, q, full_q,
         (block_q, block_kv), mask_mod, backward,
     )
     if not has_partial:
         _PARTIAL_FREE.add(bm)
     return bm
+
+
+def _none_listed(like: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Lists of no tile shaped as ``like``: zero counts (the index tensor is never read
+    past the counts, so ``like``'s is reused)."""
+    return torch.zeros_like(like[0]), like[1]
 
 
 def _block_mask(seq_lengths, kv, full_kv, q, full_q, block, mask_mod, backward=True):

@@ -438,6 +438,16 @@ def _graph_key(q: Tensor, k: Tensor, mask: MeansimMask):
             mask.attention_sink)
 
 
+def _warn_fallback(failed: str, err: Exception, instead: str, env: str, stacklevel: int):
+    """Warn that ``failed`` raised ``err`` and ``instead`` runs (``env=0`` silences it);
+    ``stacklevel`` counted from the caller."""
+    warnings.warn(
+        f"meansim: {failed} failed ({type(err).__name__}: {err}); using {instead}. "
+        f"Set {env}=0 to silence.",
+        stacklevel=stacklevel + 1,
+    )
+
+
 def _graph_predict(q: Tensor, k: Tensor, mask: MeansimMask) -> Tensor | None:
     """The tile map from this shape's ``_GraphPredictor`` (captured on first use), or None
     where the eager path must run (no capture under a sync-debug mode, which capturing
@@ -452,11 +462,8 @@ def _graph_predict(q: Tensor, k: Tensor, mask: MeansimMask) -> Tensor | None:
             entry = _GraphPredictor(q, k, mask)
         except Exception as err:  # pragma: no cover - depends on the toolchain
             _graph_failed = True
-            warnings.warn(
-                f"meansim: CUDA graph capture failed ({type(err).__name__}: {err}); using "
-                "the eager predictor. Set FLEXSPARSE_MEANSIM_GRAPH=0 to silence.",
-                stacklevel=4,
-            )
+            _warn_fallback("CUDA graph capture", err, "the eager predictor",
+                           "FLEXSPARSE_MEANSIM_GRAPH", stacklevel=4)
             return None
         _graphs[key] = entry
         while len(_graphs) > _COMPILE_BUDGET:
@@ -489,11 +496,7 @@ def _run_predict(mask: MeansimMask, q: Tensor, k: Tensor) -> Tensor:
             return _compiled(q, k, sim1, cdf, top, *args)
         except Exception as err:  # pragma: no cover - depends on the toolchain
             _failed = True
-            warnings.warn(
-                f"meansim: torch.compile failed ({type(err).__name__}: {err}); using eager. "
-                "Set FLEXSPARSE_COMPILE=0 to silence.",
-                stacklevel=3,
-            )
+            _warn_fallback("torch.compile", err, "eager", "FLEXSPARSE_COMPILE", stacklevel=3)
     return _predict(q, k, sim1, cdf, top, *args)
 
 
