@@ -41,6 +41,7 @@ from common import banded_tiles, queued_ms, time_ms, write_table  # noqa: E402,F
 
 import flexsparse as fs  # noqa: E402
 from flexsparse import backends, masks  # noqa: E402
+from flexsparse.kernels import sm90  # noqa: E402
 
 RADIAL = {
     "cogvideox": dict(video=(49, 480, 720), model="cogvideox", decay=1.0, b=2, h=30, d=64),
@@ -90,6 +91,19 @@ def skipped(bm) -> float:
     return 1 - kept / total
 
 
+def triton_only(fn):
+    """``fn`` with the Hopper kernel switched off: the quant backend runs Triton's."""
+
+    def run():
+        mode, sm90.MODE = sm90.MODE, "off"
+        try:
+            return fn()
+        finally:
+            sm90.MODE = mode
+
+    return run
+
+
 def run_case(name, q, k, v, mask, reps, rows, rounds=1, error_mask="same"):
     """Time every kernel on one case and append the rows. With ``rounds`` > 1 the kernels
     are timed in turn, round after round, and each row gives the median round: the
@@ -129,6 +143,9 @@ def run_case(name, q, k, v, mask, reps, rows, rounds=1, error_mask="same"):
         fs.explain(q, k, v, mask, backend="quant")
         entries.append(("quant", lambda: fs.attention(q, k, v, mask, backend="quant"),
                         lambda: fs.attention(q, k, v, mask, backend="quant"), "", True))
+        if not sm90.device_reasons(q, v):  # the Triton kernel, for the same-run comparison
+            run_triton = triton_only(lambda: fs.attention(q, k, v, mask, backend="quant"))
+            entries.append(("quant (Triton kernel)", run_triton, run_triton, "", True))
     except ValueError as exc:
         quant_na = f"n/a: {str(exc)[:80]}"
     else:

@@ -3,8 +3,10 @@ reference (vs the float64 dense reference), tile skipping, pvthreshd, support de
 and the Triton kernel itself under TRITON_INTERPRET=1 on tiny shapes (fp16 P·V: the
 interpreter's fp8 rounding is not the hardware's)."""
 
+import ctypes
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -17,8 +19,10 @@ from flexsparse import masks
 from flexsparse.call import AttentionCall
 from flexsparse.kernels import (
     QuantBackend,
+    quant_attention,
     quant_reference,
     quantize_blocks,
+    sm90,
     tile_lists,
     to_fp8,
 )
@@ -414,3 +418,68 @@ def test_row_order_puts_the_longest_query_tiles_first_when_a_few_dominate():
     # an even map keeps index order (neighbouring rows share key tiles)
     even = torch.tensor([[[3, 4, 3, 5]]], dtype=torch.int32)
     assert row_order(even, torch.zeros_like(even)).tolist() == [0, 1, 2, 3]
+
+
+# -- the Hopper kernel's host side ------------------------------------------------------------
+
+
+def test_kernel_choice_is_checked():
+    q = torch.randn(1, 2, 130, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="kernel"):
+        quant_attention(q, q, q, kernel="cuda")
+    with pytest.raises(ValueError, match="kernel='sm90' cannot run this call: needs a CUDA"):
+        quant_attention(q, q, q, kernel="sm90")
+
+
+def test_sm90_reasons_name_what_stays_on_triton():
+    from flexsparse.kernels.quant import sm90_reasons
+
+    q = torch.randn(1, 2, 130, 64, dtype=torch.bfloat16)
+    text = " ".join(sm90_reasons(q, q, causal=True, pvthreshd=2.0, pv_dtype="fp8",
+                                 overrides=(64, None, None, None)))
+    for word in ("CUDA device", "causal", "pvthreshd", "fp8", "overrides"):
+        assert word in text
+    strided = torch.randn(1, 130, 2, 68, dtype=torch.bfloat16).transpose(1, 2)[..., :64]
+    assert not sm90._tma_ready(strided) and sm90._tma_ready(strided.contiguous())
+    diffusers = torch.randn(1, 130, 2, 64, dtype=torch.bfloat16).transpose(1, 2)
+    assert sm90._tma_ready(diffusers)  # [B, N, H, D] projections are read in place
+    expanded = torch.randn(1, 1, 130, 64, dtype=torch.bfloat16).expand(2, 4, 130, 64)
+    assert not sm90._tma_ready(expanded)  # broadcast heads: the Triton kernel reads them
+
+
+def test_generated_wgmma_header_is_current(tmp_path):
+    gen = sm90.CSRC / "gen_wgmma.py"
+    copy = tmp_path / "gen_wgmma.py"
+    copy.write_text(gen.read_text())
+    subprocess.run([sys.executable, str(copy)], check=True)
+    assert (tmp_path / "wgmma.cuh").read_text() == (sm90.CSRC / "wgmma.cuh").read_text()
+
+
+def test_ctypes_arguments_mirror_the_cuda_struct():
+    """A field out of order would pass one tensor's address for another: no error, wrong
+    answers. The ctypes struct must list the C struct's fields in its order."""
+    src = (sm90.CSRC / "quant_attn_sm90.cu").read_text()
+    body = re.search(r"struct FsqArgs \{(.*?)\};", src, re.S).group(1)
+    names = re.findall(r"(\w+)(?=[,;])", re.sub(r"//[^\n]*", "", body))
+    assert names == [name for name, _ in sm90._Args._fields_]
+    assert ctypes.sizeof(sm90._Args) == 8 * len(names)
+
+
+@pytest.mark.skipif(sm90.find_nvcc() is None, reason="needs nvcc (the CUDA toolkit)")
+def test_sm90_kernel_builds_without_spills(tmp_path):
+    """The CUDA source compiles for sm_90a (no GPU needed), every instantiation without
+    register spills (a spill would make it several times slower), and the library exports
+    its entry point."""
+    nvcc = sm90.find_nvcc()
+    done = subprocess.run(
+        [nvcc, *sm90.NVCC_FLAGS, "-Xptxas", "-v", "-o", str(tmp_path / "lib.so"),
+         str(sm90.CSRC / "quant_attn_sm90.cu")], capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    spills = re.findall(r"(\d+) bytes spill stores", done.stderr)
+    assert len(spills) == 8 and set(spills) == {"0"}, done.stderr[-3000:]
+    assert "C7514" not in done.stderr  # wgmma serialised by the compiler
+    lib = ctypes.CDLL(str(tmp_path / "lib.so"))
+    assert hasattr(lib, "fsq_attention_sm90")
+    path = sm90.build(nvcc, root=tmp_path / "cache")
+    assert path.is_file() and sm90.build(nvcc, root=tmp_path / "cache") == path

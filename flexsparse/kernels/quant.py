@@ -53,6 +53,7 @@ from torch import Tensor
 
 from .. import tiles as T
 from .._checks import check_choice, check_int
+from . import sm90
 
 LOG2E = 1.4426950408889634
 #: Slack of the pvthreshd test (log2 units; ``_triton_quant.PVT_SLACK``).
@@ -68,6 +69,8 @@ TILE_N = 128
 TILE_SIZES = ((128, 128), (128, 64))
 HEAD_DIMS = (64, 128)
 PV_DTYPES = ("auto", "fp8", "fp16", "bf16")
+#: ``quant_attention(kernel=)``: the Hopper CUDA kernel where it can run, or a fixed one.
+KERNELS = ("auto", "triton", "sm90")
 #: The 16-bit P·V formats, by name.
 PV_TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 #: Above this many bytes of packed partial-tile bits the backend declines the call.
@@ -567,8 +570,9 @@ def quant_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     maxnreg: int | None = None,
+    kernel: str = "auto",
 ) -> Tensor:
-    """Quantized block-sparse attention (Triton; CUDA, or ``TRITON_INTERPRET=1``).
+    """Quantized block-sparse attention (CUDA, or Triton's ``TRITON_INTERPRET=1``).
 
     Args:
         q: ``[B, Hq, Nq, D]``; k, v: ``[B, Hkv, Nk, D]``; fp16/bf16, D in {64, 128}.
@@ -583,16 +587,18 @@ def quant_attention(
         pvthreshd: None, a number or ``[Hq]`` values (log2 units; see module docstring).
         pv_dtype: ``"fp8"`` (sm_89+), ``"fp16"``, ``"bf16"`` or ``"auto"`` (the inputs'
             16-bit dtype, ``default_pv_dtype``: V is then read in place).
-        block_n, num_warps, num_stages, maxnreg: launch overrides (benchmarks); defaults
-            from ``CONFIGS`` (its register cap applies when block_n and num_warps are
-            the configuration's; ``maxnreg=0``: no cap).
+        block_n, num_warps, num_stages, maxnreg: launch overrides of the Triton kernel
+            (benchmarks); defaults from ``CONFIGS`` (its register cap applies when
+            block_n and num_warps are the configuration's; ``maxnreg=0``: no cap).
+        kernel: ``"auto"`` (the Hopper kernel, ``sm90``, where it runs the call, else
+            Triton), ``"triton"`` or ``"sm90"`` (a ``ValueError`` with its reasons
+            where it cannot run the call).
 
     Returns:
         ``[B, Hq, Nq, D]`` in the dtype of ``q``; rows with no kept key are zeros.
     """
-    from . import _triton_quant as K
-
     check_choice("pv_dtype", pv_dtype, PV_DTYPES)
+    check_choice("kernel", kernel, KERNELS)
     if pv_dtype == "auto":
         pv_dtype = default_pv_dtype(q.dtype)
     if block_mask is not None and kept is not None:
@@ -610,18 +616,35 @@ def quant_attention(
             )
     tile_n = TILE_N if tile_n is None else tile_n
     cfg = config(q.shape[-1], pv_dtype, tile_n if tile_n in (64, 128) else TILE_N)
-    block_n = min(cfg[0], tile_n) if block_n is None else block_n
-    num_warps = cfg[1] if num_warps is None else num_warps
-    num_stages = cfg[2] if num_stages is None else num_stages
-    pvt = _check_inputs(q, k, v, pvthreshd, pv_dtype, block_n, kept, tile_n)
-    if maxnreg is None and block_n == cfg[0] and num_warps == cfg[1] and pvt is None:
-        # The cap belongs to its configuration; not with the PV skip, whose kernel gave
-        # 7 % off the reference under it (H100, test_pvthreshd_matches_reference).
-        maxnreg = cfg[3]
+    overrides = (block_n, num_warps, num_stages, maxnreg)
+    pvt = _check_inputs(
+        q, k, v, pvthreshd, pv_dtype, min(cfg[0], tile_n) if block_n is None else block_n,
+        kept, tile_n,
+    )
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"q, k, v must be float16 or bfloat16, got {q.dtype}")
     if causal and (kept is not None or lists is not None):
         raise ValueError("causal=True takes no tiles (apply causality in the mask)")
+    hopper = False
+    if kernel != "triton":
+        reasons = sm90_reasons(q, v, causal=causal, lists=lists, pvthreshd=pvthreshd,
+                               pv_dtype=pv_dtype, overrides=overrides)
+        if kernel == "sm90" and reasons:
+            raise ValueError(f"kernel='sm90' cannot run this call: {'; '.join(reasons)}")
+        # 64-column tiles run it, but slower than Triton's kernel: H100, SpargeAttn's
+        # 128 x 64 maps at the CogVideoX-2b shape (D=64), 9.83 vs 8.27 ms (BENCHMARKS.md).
+        hopper = not reasons and (kernel == "sm90" or tile_n == 128)
+    from . import _triton_quant as K  # Q and K are quantized by Triton for both kernels
+
+    if hopper:
+        block_n = tile_n  # one K scale and one softmax step per tile
+    block_n = min(cfg[0], tile_n) if block_n is None else block_n
+    num_warps = cfg[1] if num_warps is None else num_warps
+    num_stages = cfg[2] if num_stages is None else num_stages
+    if maxnreg is None and block_n == cfg[0] and num_warps == cfg[1] and pvt is None:
+        # The cap belongs to its configuration; not with the PV skip, whose kernel gave
+        # 7 % off the reference under it (H100, test_pvthreshd_matches_reference).
+        maxnreg = cfg[3]
     dev = q.device
     if kept is not None:
         full_num, full_idx = T._ordered(kept.to(dev))
@@ -698,6 +721,11 @@ def quant_attention(
     pvt_dev = ks if pvt is None else pvt.to(dev)
 
     out = torch.empty(bsz, hq, nq, d, dtype=q.dtype, device=dev)
+    if hopper:
+        return sm90.attention(
+            qi, qs, ki, ks, vq, out, block_n=block_n, lists=lists,
+            row_order=lists.row_order if lists is not None and ROW_ORDER else None,
+        )
     K._attn[(nqb, bsz * hq)](
         qi, ki, vq, qs, ks, sv, out, *tl_args, pvt_dev,
         v_strides[0], v_strides[1],
@@ -716,6 +744,34 @@ def quant_attention(
 # -- the backend ---------------------------------------------------------------------------
 
 
+
+
+def sm90_reasons(
+    q: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    lists: TileLists | None = None,
+    pvthreshd=None,
+    pv_dtype: str = "auto",
+    overrides: tuple = (),
+) -> list[str]:
+    """Why the Hopper kernel (``sm90``) cannot run a ``quant_attention`` call (empty: it
+    can); the Triton kernel runs it then. ``lists=None`` is a dense or causal call."""
+    out = sm90.device_reasons(q, v)
+    if pv_dtype == "auto":
+        pv_dtype = default_pv_dtype(q.dtype)
+    if causal:
+        out.append("the causal rule runs on the Triton kernel")
+    if lists is not None and lists.n_partial:
+        out.append(f"{lists.n_partial} partial tiles (the token rule runs on the Triton kernel)")
+    if pvthreshd is not None:
+        out.append("pvthreshd runs on the Triton kernel")
+    if PV_TORCH_DTYPES.get(pv_dtype) != v.dtype:
+        out.append(f"P·V in {pv_dtype} for v in {v.dtype} runs on the Triton kernel")
+    if any(x is not None for x in overrides):
+        out.append("Triton launch overrides (block_n, num_warps, num_stages, maxnreg) given")
+    return out
 
 
 def _tile_size(call) -> tuple[int, int]:

@@ -1,6 +1,7 @@
-"""GPU tests of the quantized kernel: Triton kernel vs ``quant_reference`` (same arithmetic)
-and vs the float64 dense reference, on random sizes including odd lengths, both tile
-shapes and masks with partial tiles (the token rule from packed bits)."""
+"""GPU tests of the quantized kernels, Triton's and the Hopper one (``sm90``), vs
+``quant_reference`` (same arithmetic) and vs the float64 dense reference, on random sizes
+including odd lengths, both tile shapes and masks with partial tiles (the token rule from
+packed bits)."""
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ import torch
 import flexsparse as fs
 from flexsparse import masks
 from flexsparse.call import AttentionCall
-from flexsparse.kernels import QuantBackend, quant_attention, quant_reference, tile_lists
+from flexsparse.kernels import QuantBackend, quant_attention, quant_reference, sm90, tile_lists
+from flexsparse.kernels.quant import sm90_reasons
 
 pytestmark = [
     pytest.mark.gpu,
@@ -18,6 +20,25 @@ pytestmark = [
 FP8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 PVS = ["fp16", "bf16", "fp8"] if FP8 else ["fp16", "bf16"]
 TILES = [(128, 128), (128, 64)]
+SM90 = (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+        and sm90.build_error() is None)
+KERNELS = ["triton", "sm90"] if SM90 else ["triton"]
+
+
+def sm90_declines(kernel, *args, **kwargs) -> bool:
+    """For ``kernel="sm90"`` on a call it does not run: it raises, naming why."""
+    q, k, v = args
+    if kernel != "sm90" or not sm90_reasons(q, v, **kwargs):
+        return False
+    with pytest.raises(ValueError, match="kernel='sm90' cannot run"):
+        quant_attention(q, k, v, causal=kwargs.get("causal", False), kernel="sm90",
+                        pv_dtype=kwargs.get("pv_dtype", "auto"))
+    return True
+
+
+def block_n(kernel, tile_n=128):
+    """K rows per scale of the kernel (the reference must quantize K alike)."""
+    return tile_n if kernel == "sm90" else None
 
 
 def rel_l2(a, b):
@@ -54,16 +75,19 @@ CASES = [  # b, hq, hkv, nq, nk, d, causal
 ]
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("pv", PVS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES)
-def test_kernel_matches_reference(case, dtype, pv):
+def test_kernel_matches_reference(case, dtype, pv, kernel):
     b, hq, hkv, nq, nk, d, causal = case
     q, k, v = qkv(b, hq, hkv, nq, nk, d, dtype, seed=nq * 7 + nk)
-    out = quant_attention(q, k, v, causal=causal, pv_dtype=pv)
+    if sm90_declines(kernel, q, k, v, causal=causal, pv_dtype=pv):
+        return
+    out = quant_attention(q, k, v, causal=causal, pv_dtype=pv, kernel=kernel)
     assert out.shape == q.shape and out.dtype == dtype
     assert torch.isfinite(out).all()
-    ref = quant_reference(q, k, v, causal=causal, pv_dtype=pv)
+    ref = quant_reference(q, k, v, causal=causal, pv_dtype=pv, block_n=block_n(kernel))
     # Same quantization; differences are ex2.approx, accumulation order and rare flips of
     # P's rounding: far below the quantization error itself.
     assert rel_l2(out, ref) < 5e-3
@@ -117,9 +141,10 @@ def test_partial_tiles_match_reference(name, tile, pv):
     assert torch.isfinite(out).all() and (out[:, :, empty] == 0).all()
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("pv", PVS)
 @pytest.mark.parametrize("seed", range(4))
-def test_tile_maps_random(seed, pv):
+def test_tile_maps_random(seed, pv, kernel):
     g = torch.Generator().manual_seed(seed)
     tile_n = TILES[seed % 2][1]
     n = int(torch.randint(200, 1500, (1,), generator=g))
@@ -132,8 +157,11 @@ def test_tile_maps_random(seed, pv):
     kept[:, -1, -1] = True  # never all empty
     if qb > 1:
         kept[:, 0] = False  # a query tile with no kept key: zeros
-    out = quant_attention(q, k, v, kept=kept[None], tile_n=tile_n, pv_dtype=pv)
-    ref = quant_reference(q, k, v, kept=kept[None].cuda(), tile_n=tile_n, pv_dtype=pv)
+    if sm90_declines(kernel, q, k, v, pv_dtype=pv):
+        return
+    out = quant_attention(q, k, v, kept=kept[None], tile_n=tile_n, pv_dtype=pv, kernel=kernel)
+    ref = quant_reference(q, k, v, kept=kept[None].cuda(), tile_n=tile_n, pv_dtype=pv,
+                          block_n=block_n(kernel, tile_n))
     assert rel_l2(out, ref) < 5e-3
     if qb > 1:
         assert (out[:, :, :128] == 0).all()
@@ -148,7 +176,7 @@ def test_pvthreshd_matches_reference(pv):
     out = quant_attention(q, k, v, pvthreshd=thr, pv_dtype=pv)
     ref = quant_reference(q, k, v, pvthreshd=thr, pv_dtype=pv)
     assert rel_l2(out, ref) < 5e-3
-    off = quant_attention(q, k, v, pv_dtype=pv)
+    off = quant_attention(q, k, v, pv_dtype=pv, kernel="triton")  # same K blocks
     assert rel_l2(out[:, 3], off[:, 3]) < 1e-6  # threshold 1e9 never skips
 
 
@@ -196,10 +224,12 @@ def test_strided_inputs_read_in_place(d):
     assert q.stride(2) == 3 * h * d and not v.is_contiguous()
     kept = torch.rand(h, 8, -(-n // 128), generator=torch.Generator().manual_seed(d)) < 0.6
     kept[:, :, -1] = True  # the ragged last tile: V read with the column rule
-    for kw in (dict(), dict(causal=True), dict(kept=kept[None])):
+    calls = [dict(kernel=kn, **kw) for kn in KERNELS for kw in (dict(), dict(kept=kept[None]))]
+    for kw in calls + [dict(causal=True)]:
         out = quant_attention(q, k, v, **kw)
         ref = quant_reference(q, k, v, causal=kw.get("causal", False),
-                              kept=None if "kept" not in kw else kept[None].cuda())
+                              kept=None if "kept" not in kw else kept[None].cuda(),
+                              block_n=block_n(kw.get("kernel", "triton")))
         assert rel_l2(out, ref) < 5e-3
         contiguous = quant_attention(q.contiguous(), k, v.contiguous(), **kw)
         assert torch.equal(out, contiguous)
@@ -212,3 +242,72 @@ def test_auto_pv_dtype_is_the_inputs_own():
     assert default_pv_dtype(torch.float16) == "fp16"
     q, k, v = qkv(1, 2, 2, 300, 300, 64, torch.bfloat16, 5)
     assert torch.equal(quant_attention(q, k, v), quant_attention(q, k, v, pv_dtype="bf16"))
+
+
+needs_sm90 = pytest.mark.skipif(not SM90, reason="needs an sm_90 GPU and nvcc")
+
+
+@needs_sm90
+@pytest.mark.parametrize("pingpong", [False, True])
+@pytest.mark.parametrize("seed", range(6))
+def test_sm90_random_sizes(seed, pingpong, monkeypatch):
+    """The Hopper kernel on random shapes, tile widths, GQA, q_len != kv_len, odd lengths
+    and query tiles that keep nothing, with and without the warpgroup ping-pong."""
+    g = torch.Generator().manual_seed(100 + seed)
+    d = (64, 128)[seed % 2]
+    monkeypatch.setitem(sm90.PINGPONG, d, pingpong)
+    dtype = (torch.bfloat16, torch.float16)[(seed // 2) % 2]
+    tile_n = (64, 128, None)[seed % 3]
+    nk = int(torch.randint(65, 2500, (1,), generator=g))
+    nq = nk if seed % 2 else int(torch.randint(1, nk + 1, (1,), generator=g))
+    hkv = int(torch.randint(1, 4, (1,), generator=g))
+    hq = hkv * int(torch.randint(1, 4, (1,), generator=g))
+    b = 1 + seed % 2
+    q, k, v = qkv(b, hq, hkv, nq, nk, d, dtype, 300 + seed)
+    kept = None
+    if tile_n is not None:
+        qb, kb = -(-nq // 128), -(-nk // tile_n)
+        kept = torch.rand(b, hq, qb, kb, generator=g) < 0.5
+        kept[..., -1, -1] = True  # the ragged last key tile
+        kept[..., 0, :] = qb == 1  # the first query tile keeps nothing: zeros
+    out = quant_attention(q, k, v, kept=kept, tile_n=tile_n, kernel="sm90")
+    ref = quant_reference(q, k, v, kept=None if kept is None else kept.cuda(),
+                          tile_n=tile_n or 128, block_n=tile_n or 128)
+    assert torch.isfinite(out).all()
+    assert rel_l2(out, ref) < 5e-3
+    allowed = None
+    if kept is not None:
+        allowed = kept.repeat_interleave(128, -2).repeat_interleave(tile_n, -1)[..., :nq, :nk]
+        if kept.shape[2] > 1:
+            assert (out[:, :, :128] == 0).all()
+    exact = masked_attention(q, k, v, allowed)
+    assert rel_l2(out.cpu(), exact) < 3e-2 and cosine(out.cpu(), exact) > 0.999
+
+
+def masked_attention(q, k, v, allowed=None):
+    """float64 softmax attention on the CPU, keeping the ``allowed`` pairs (zeros for a
+    row that keeps none)."""
+    group = q.shape[1] // k.shape[1]
+    q, k, v = (t.cpu().double() for t in (q, k, v))
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(s, -1).nan_to_num(0.0) @ v
+
+
+@needs_sm90
+def test_sm90_leaves_what_it_cannot_run_to_triton():
+    q, k, v = qkv(1, 4, 2, 700, 900, 64, torch.bfloat16, 11)
+    bm = masks.causal().block_mask(700, 900, device="cuda")
+    assert tile_lists(bm).n_partial > 0
+    cases = [dict(causal=True), dict(block_mask=bm), dict(pvthreshd=4.0),
+             dict(pv_dtype="fp16")] + ([dict(pv_dtype="fp8")] if FP8 else [])
+    for kw in cases:
+        with pytest.raises(ValueError, match="kernel='sm90' cannot run"):
+            quant_attention(q, k, v, kernel="sm90", **kw)
+        auto = quant_attention(q, k, v, **kw)  # the Triton kernel runs it
+        assert torch.equal(auto, quant_attention(q, k, v, kernel="triton", **kw))
+    assert sm90_reasons(q, v) == []
+    assert any("compute capability" in r or "CUDA" in r
+               for r in sm90_reasons(q.cpu(), v.cpu()))

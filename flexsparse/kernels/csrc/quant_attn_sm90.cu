@@ -1,0 +1,637 @@
+// Quantized block-sparse attention for Hopper (sm_90a): INT8 Q·Kᵀ and 16-bit P·V on the
+// tensor cores through wgmma, K and V brought in by the tensor-memory accelerator (TMA).
+//
+// The arithmetic is the Triton kernel's (flexsparse/kernels/quant.py, module docstring),
+// which quant_reference mirrors in PyTorch: scores in log2 units from the exact int32
+// dot times the two block scales, online softmax, P rounded to V's 16-bit type, fp32
+// accumulation, zeros for a row that keeps no key.
+//
+// One CTA per 128-row query tile: a producer warpgroup (one thread issues every copy) and
+// two consumer warpgroups of 64 rows each, FlashAttention-3's division of labour. The
+// producer registers drop to 24 and the consumers' rise to 240 (setmaxnreg). K and V pass
+// through a ring of STAGES buffers, each guarded by a "full" barrier (the copy landed)
+// and an "empty" one (both consumers are done with it); K is released as soon as the
+// scores are computed, V after the P·V product.
+//
+// What this kernel does not do (the Triton kernel does): partial tiles, the causal rule,
+// pvthreshd, FP8 P·V. The host side (sm90.py) sends only calls without them.
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <limits.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include <type_traits>
+
+#include "wgmma.cuh"
+
+namespace fsq {
+
+constexpr int BLOCK_M = 128;  // query rows per CTA, one Q scale
+constexpr int THREADS = 384;  // producer + two consumer warpgroups
+constexpr int MAGIC_INT = 0x4B400000;  // float_bits(1.5 * 2**23)
+constexpr float MAGIC_FLOAT = 12582912.0f;
+
+struct Params {
+  const float* qs;        // [B, Hq, NQB]
+  const float* ks;        // [B, Hkv, NKB]
+  void* out;              // [B, Hq, Nq, D]
+  const int* full_num;    // [Bm, Hm, NQB] (lists) or null (dense)
+  const int* full_idx;    // [Bm, Hm, NQB, KVb]
+  const int* row_order;   // [NQB] or null
+  long long sob, soh, son;
+  long long snb, snh, sib, sih, siq;
+  int hq, group, hkv, nq, nk, nqb, nkb, n_dense, pingpong;
+};
+
+// -- shared memory, barriers, copies --------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void bar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));
+}
+
+__device__ __forceinline__ void bar_expect(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void bar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
+__device__ __forceinline__ void bar_wait(uint64_t* bar, int parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nWAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n}\n" ::"r"(smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+}
+
+__device__ __forceinline__ void tma_3d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0,
+                                       int c1, int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4, %5}], [%2];" ::"r"(smem_addr(dst)),
+      "l"(map), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
+
+__device__ __forceinline__ void tma_4d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0,
+                                       int c1, int c2, int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4, %5, %6}], [%2];" ::"r"(smem_addr(dst)),
+      "l"(map), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+}
+
+// -- wgmma plumbing ---------------------------------------------------------------------
+
+// Shared-memory matrix descriptor: start address, leading / stride byte offsets (16-byte
+// units) and the swizzle mode (bits 62-63: 1 = 128 B, 2 = 64 B).
+template <int SWIZZLE>
+__device__ __forceinline__ uint64_t smem_desc(const void* p, uint32_t lbo, uint32_t sbo) {
+  static_assert(SWIZZLE == 64 || SWIZZLE == 128, "swizzle of 64 or 128 bytes");
+  uint64_t d = (smem_addr(p) & 0x3FFFF) >> 4;
+  d |= uint64_t((lbo & 0x3FFFF) >> 4) << 16;
+  d |= uint64_t((sbo & 0x3FFFF) >> 4) << 32;
+  d |= uint64_t(SWIZZLE == 128 ? 1 : 2) << 62;
+  return d;
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+// Keeps the compiler from moving reads or writes of an accumulator across the
+// asynchronous MMA that owns it.
+template <int N>
+__device__ __forceinline__ void fence_regs(int (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+template <int BN>
+__device__ __forceinline__ void mma_qk(int (&s)[BN / 2], uint64_t da, uint64_t db, int acc);
+template <>
+__device__ __forceinline__ void mma_qk<64>(int (&s)[32], uint64_t da, uint64_t db, int acc) {
+  wgmma_s8_m64n64k32(s, da, db, acc);
+}
+template <>
+__device__ __forceinline__ void mma_qk<128>(int (&s)[64], uint64_t da, uint64_t db, int acc) {
+  wgmma_s8_m64n128k32(s, da, db, acc);
+}
+
+// O[64 x (D + 8)] += P V1 with V1 = [V | ones]: columns D.. of O carry the row sums of P.
+template <typename T, int D>
+__device__ __forceinline__ void mma_pv(float (&o)[D / 2 + 4], const uint32_t (&a)[4],
+                                       uint64_t db);
+template <>
+__device__ __forceinline__ void mma_pv<__nv_bfloat16, 64>(float (&o)[36], const uint32_t (&a)[4],
+                                                          uint64_t db) {
+  wgmma_bf16_m64n72k16_rs(o, a, db);
+}
+template <>
+__device__ __forceinline__ void mma_pv<__nv_bfloat16, 128>(float (&o)[68], const uint32_t (&a)[4],
+                                                           uint64_t db) {
+  wgmma_bf16_m64n136k16_rs(o, a, db);
+}
+template <>
+__device__ __forceinline__ void mma_pv<__half, 64>(float (&o)[36], const uint32_t (&a)[4],
+                                                   uint64_t db) {
+  wgmma_f16_m64n72k16_rs(o, a, db);
+}
+template <>
+__device__ __forceinline__ void mma_pv<__half, 128>(float (&o)[68], const uint32_t (&a)[4],
+                                                    uint64_t db) {
+  wgmma_f16_m64n136k16_rs(o, a, db);
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return reinterpret_cast<uint32_t&>(v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return reinterpret_cast<uint32_t&>(v);
+}
+
+// -- the kernel -------------------------------------------------------------------------
+
+template <int D, int BN, int STAGES>
+struct Layout {
+  static constexpr int Q_BYTES = BLOCK_M * D;        // int8
+  static constexpr int K_BYTES = BN * D;             // int8
+  // 16-bit V: D / 64 panels of BN x 128 B, then a panel of ones (row sums of P).
+  static constexpr int V_BYTES = BN * (D + 64) * 2;
+  static constexpr int V_COPY_BYTES = BN * D * 2;  // what the copies bring per stage
+  static constexpr int K_OFF = Q_BYTES;
+  static constexpr int V_OFF = K_OFF + STAGES * K_BYTES;
+  static constexpr int BAR_OFF = V_OFF + STAGES * V_BYTES;
+  static constexpr int INFO_OFF = BAR_OFF + (1 + 4 * STAGES) * 8;  // per stage: block, scale
+  static constexpr int BYTES = INFO_OFF + STAGES * 8;
+  static constexpr int SWIZZLE_QK = D == 128 ? 128 : 64;  // an int8 row is D bytes
+};
+
+template <int D, int BN, int STAGES, typename T>
+__global__ void __launch_bounds__(THREADS, 1)
+    attn_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
+                const __grid_constant__ CUtensorMap tm_v, const Params p) {
+  using L = Layout<D, BN, STAGES>;
+  extern __shared__ uint8_t smem_raw[];
+  // 128-byte swizzle atoms must sit on 1024-byte boundaries.
+  uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  uint8_t* s_q = smem;
+  uint8_t* s_k = smem + L::K_OFF;
+  uint8_t* s_v = smem + L::V_OFF;
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + L::BAR_OFF);
+  uint64_t* full_q = bars;
+  uint64_t* full_k = bars + 1;
+  uint64_t* full_v = full_k + STAGES;
+  uint64_t* empty_k = full_v + STAGES;
+  uint64_t* empty_v = empty_k + STAGES;
+  // Written by the producer before it arms full_k (whose arrival releases them): the key
+  // block of each stage and its K scale, so the consumers' loop reads no global memory.
+  int* stage_block = reinterpret_cast<int*>(smem + L::INFO_OFF);
+  float* stage_scale = reinterpret_cast<float*>(smem + L::INFO_OFF) + STAGES;
+
+  const bool lists = p.full_num != nullptr;
+  const int tile_m = (lists && p.row_order) ? p.row_order[blockIdx.x] : blockIdx.x;
+  const int bh = blockIdx.y;
+  const int b = bh / p.hq, h = bh % p.hq, hk = h / p.group;
+  int n_blocks = p.n_dense;
+  const int* idx = nullptr;
+  if (lists) {
+    n_blocks = p.full_num[b * p.snb + h * p.snh + tile_m];
+    idx = p.full_idx + b * p.sib + h * p.sih + tile_m * p.siq;
+  }
+
+  if (threadIdx.x == 0) {
+    bar_init(full_q, 1);
+    for (int s = 0; s < STAGES; ++s) {
+      bar_init(full_k + s, 1);
+      bar_init(full_v + s, 1);
+      bar_init(empty_k + s, 8);  // one arrival per consumer warp
+      bar_init(empty_v + s, 8);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  const int wg = threadIdx.x / 128;
+  if (wg == 0) {
+    // Producer: one thread issues every copy, STAGES blocks ahead of the consumers.
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
+    if (threadIdx.x == 0) {
+      bar_expect(full_q, L::Q_BYTES);
+      tma_3d(s_q, &tm_q, full_q, 0, tile_m * BLOCK_M, bh);
+      const int kv_head = b * p.hkv + hk;
+      const float* k_scale = p.ks + (long long)kv_head * p.nkb;
+      int j = n_blocks > 0 ? (idx ? idx[0] : 0) : 0;
+      for (int it = 0; it < n_blocks; ++it) {
+        const int s = it % STAGES, parity = ((it / STAGES) & 1) ^ 1;
+        const float scale = k_scale[j];
+        const int j_next = it + 1 < n_blocks ? (idx ? idx[it + 1] : it + 1) : 0;
+        bar_wait(empty_k + s, parity);
+        stage_block[s] = j;
+        stage_scale[s] = scale;
+        bar_expect(full_k + s, L::K_BYTES);
+        tma_3d(s_k + s * L::K_BYTES, &tm_k, full_k + s, 0, j * BN, kv_head);
+        bar_wait(empty_v + s, parity);
+        bar_expect(full_v + s, L::V_COPY_BYTES);
+#pragma unroll
+        for (int c = 0; c < D / 64; ++c)
+          tma_4d(s_v + s * L::V_BYTES + c * BN * 128, &tm_v, full_v + s, c * 64, j * BN, hk, b);
+        j = j_next;
+      }
+    }
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
+  const int half = wg - 1;  // rows 64 * half .. + 63 of the tile
+  const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const float c_q = p.qs[(long long)bh * p.nqb + tile_m];
+  constexpr int SBO_QK = L::SWIZZLE_QK * 8;  // 8 rows of one swizzle atom
+  const uint64_t desc_q = smem_desc<L::SWIZZLE_QK>(s_q + half * 64 * D, 16, SBO_QK);
+  const int col_in = 2 * (lane % 4);
+
+  // The ones panels (never overwritten: the copies fill the V panels only), then a
+  // proxy fence: the tensor cores read what ordinary stores wrote.
+  {
+    const uint32_t one2 = pack2<T>(1.f, 1.f);
+    const int tid = threadIdx.x - 128;
+    for (int s = 0; s < STAGES; ++s) {
+      uint32_t* ones = reinterpret_cast<uint32_t*>(s_v + s * L::V_BYTES + (D / 64) * BN * 128);
+      for (int i = tid; i < BN * 32; i += 256) ones[i] = one2;
+    }
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    asm volatile("bar.sync 3, 256;" ::: "memory");
+  }
+
+  constexpr int NO = D / 2 + 4;  // O, then the row sums (o[D/2], o[D/2 + 2])
+  float o[NO];
+#pragma unroll
+  for (int i = 0; i < NO; ++i) o[i] = 0.f;
+  int sc[BN / 2];
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) sc[i] = 0;
+  float x[BN / 2];      // probabilities of the block being softmaxed
+  uint32_t pk[BN / 4];  // P of the block whose P·V is in flight, 16-bit pairs
+  float m0 = -INFINITY, m1 = -INFINITY;
+  float alpha0 = 1.f, alpha1 = 1.f;
+
+  auto issue_qk = [&](int s) {
+    const uint64_t desc_k = smem_desc<L::SWIZZLE_QK>(s_k + s * L::K_BYTES, 16, SBO_QK);
+    fence_regs(sc);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 32; ++kk) mma_qk<BN>(sc, desc_q + 2 * kk, desc_k + 2 * kk, kk > 0);
+    wgmma_commit();
+  };
+  auto issue_pv = [&](int s) {
+    // P from registers (the accumulator layout is the A-fragment layout), [V | ones]
+    // MN-major: D / 64 + 1 panels, BN * 128 bytes apart.
+    const uint64_t desc_v = smem_desc<128>(s_v + s * L::V_BYTES, BN * 128, 1024);
+    fence_regs(o);
+    wgmma_fence();
+#pragma unroll
+    for (int t = 0; t < BN / 16; ++t) {
+      const uint32_t a[4] = {pk[4 * t], pk[4 * t + 1], pk[4 * t + 2], pk[4 * t + 3]};
+      mma_pv<T, D>(o, a, desc_v + (t * 2048 >> 4));
+    }
+    wgmma_commit();
+  };
+  auto release = [&](uint64_t* bar) {
+    __syncwarp();
+    if (lane == 0) bar_arrive(bar);
+  };
+  // Online softmax of the block in stage s on the biased scores MAGIC + s (exact; the
+  // integer maximum first), log2 units: x holds the probabilities afterwards, alpha the
+  // factors for O.
+  auto softmax = [&](int s) {
+    fence_regs(sc);
+    const int j = stage_block[s];
+    const float c = c_q * stage_scale[s];
+    const bool ragged = (j + 1) * BN > p.nk;
+    if (ragged) {  // the last block: columns past the keys drop out of the maximum
+#pragma unroll
+      for (int i = 0; i < BN / 8; ++i) {
+        const int col = j * BN + 8 * i + col_in;
+        if (col >= p.nk) sc[4 * i] = sc[4 * i + 2] = INT_MIN;
+        if (col + 1 >= p.nk) sc[4 * i + 1] = sc[4 * i + 3] = INT_MIN;
+      }
+    }
+    int mi0 = __vimax3_s32(sc[0], sc[1], INT_MIN), mi1 = __vimax3_s32(sc[2], sc[3], INT_MIN);
+    int mj0 = INT_MIN, mj1 = INT_MIN;  // two chains per row
+#pragma unroll
+    for (int i = 1; i < BN / 8; ++i) {
+      if (i % 2) {
+        mj0 = __vimax3_s32(mj0, sc[4 * i], sc[4 * i + 1]);
+        mj1 = __vimax3_s32(mj1, sc[4 * i + 2], sc[4 * i + 3]);
+      } else {
+        mi0 = __vimax3_s32(mi0, sc[4 * i], sc[4 * i + 1]);
+        mi1 = __vimax3_s32(mi1, sc[4 * i + 2], sc[4 * i + 3]);
+      }
+    }
+    mi0 = max(mi0, mj0);
+    mi1 = max(mi1, mj1);
+    mi0 = max(mi0, __shfl_xor_sync(0xffffffff, mi0, 1));
+    mi0 = max(mi0, __shfl_xor_sync(0xffffffff, mi0, 2));
+    mi1 = max(mi1, __shfl_xor_sync(0xffffffff, mi1, 1));
+    mi1 = max(mi1, __shfl_xor_sync(0xffffffff, mi1, 2));
+    const float new0 = fmaxf(m0, mi0 == INT_MIN ? -INFINITY : float(mi0) * c);
+    const float new1 = fmaxf(m1, mi1 == INT_MIN ? -INFINITY : float(mi1) * c);
+    const float safe0 = new0 == -INFINITY ? 0.f : new0;
+    const float safe1 = new1 == -INFINITY ? 0.f : new1;
+    alpha0 = exp2f(m0 - safe0);
+    alpha1 = exp2f(m1 - safe1);
+    m0 = new0;
+    m1 = new1;
+    const float bias0 = MAGIC_FLOAT * c + safe0, bias1 = MAGIC_FLOAT * c + safe1;
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i) {
+      x[4 * i] = exp2f(fmaf(__int_as_float(sc[4 * i] + MAGIC_INT), c, -bias0));
+      x[4 * i + 1] = exp2f(fmaf(__int_as_float(sc[4 * i + 1] + MAGIC_INT), c, -bias0));
+      x[4 * i + 2] = exp2f(fmaf(__int_as_float(sc[4 * i + 2] + MAGIC_INT), c, -bias1));
+      x[4 * i + 3] = exp2f(fmaf(__int_as_float(sc[4 * i + 3] + MAGIC_INT), c, -bias1));
+    }
+    if (ragged) {
+#pragma unroll
+      for (int i = 0; i < BN / 8; ++i) {
+        const int col = j * BN + 8 * i + col_in;
+        if (col >= p.nk) x[4 * i] = x[4 * i + 2] = 0.f;
+        if (col + 1 >= p.nk) x[4 * i + 1] = x[4 * i + 3] = 0.f;
+      }
+    }
+  };
+  // After the previous P·V is done: O *= alpha (skipped by a warp whose rows all kept
+  // their maximum, the common case after the first blocks), this block's P packed into
+  // the A fragments.
+  auto rescale_and_pack = [&]() {
+    fence_regs(o);
+    if (__any_sync(0xffffffff, alpha0 != 1.f || alpha1 != 1.f)) {
+#pragma unroll
+      for (int i = 0; i < NO / 4; ++i) {
+        o[4 * i] *= alpha0;
+        o[4 * i + 1] *= alpha0;
+        o[4 * i + 2] *= alpha1;
+        o[4 * i + 3] *= alpha1;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i) {
+      pk[2 * i] = pack2<T>(x[4 * i], x[4 * i + 1]);
+      pk[2 * i + 1] = pack2<T>(x[4 * i + 2], x[4 * i + 3]);
+    }
+  };
+  // The two consumer warpgroups take turns issuing their MMAs (FlashAttention-3's
+  // ping-pong), so that one's softmax runs while the other's products do.
+  constexpr int PINGPONG = 1;  // named barriers 1 and 2 (0 is __syncthreads, 3 the setup)
+  auto turn_wait = [&]() {
+    if (p.pingpong) asm volatile("bar.sync %0, 256;" ::"r"(PINGPONG + half) : "memory");
+  };
+  auto turn_pass = [&]() {
+    if (p.pingpong) asm volatile("bar.arrive %0, 256;" ::"r"(PINGPONG + 1 - half) : "memory");
+  };
+  if (p.pingpong && half == 1) asm volatile("bar.arrive %0, 256;" ::"r"(PINGPONG) : "memory");
+
+  bar_wait(full_q, 0);
+  if (n_blocks > 0) {
+    bar_wait(full_k, 0);
+    turn_wait();
+    issue_qk(0);
+    turn_pass();
+    wgmma_wait<0>();
+    softmax(0);
+    release(empty_k);
+    rescale_and_pack();
+  }
+  for (int it = 1; it < n_blocks; ++it) {
+    const int s = it % STAGES, parity = (it / STAGES) & 1;
+    const int prev = (it - 1) % STAGES, prev_parity = ((it - 1) / STAGES) & 1;
+    bar_wait(full_k + s, parity);
+    bar_wait(full_v + prev, prev_parity);
+    turn_wait();
+    issue_qk(s);
+    issue_pv(prev);
+    turn_pass();
+    wgmma_wait<1>();  // the scores are in; P·V of the previous block may still run
+    softmax(s);
+    release(empty_k + s);
+    wgmma_wait<0>();
+    fence_regs(o);
+    release(empty_v + prev);
+    rescale_and_pack();
+  }
+  if (n_blocks > 0) {
+    const int last = (n_blocks - 1) % STAGES, parity = ((n_blocks - 1) / STAGES) & 1;
+    bar_wait(full_v + last, parity);
+    turn_wait();
+    issue_pv(last);
+    turn_pass();
+    wgmma_wait<0>();
+    fence_regs(o);
+    release(empty_v + last);
+  }
+
+  // Epilogue: O / l (0 for a row with no key), 16-bit stores.
+  const float l0 = o[D / 2], l1 = o[D / 2 + 2];
+  const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+  const int row0 = tile_m * BLOCK_M + half * 64 + warp * 16 + lane / 4, row1 = row0 + 8;
+  T* out = static_cast<T*>(p.out) + b * p.sob + h * p.soh;
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) {
+    const int col = 8 * i + col_in;
+    if (row0 < p.nq)
+      *reinterpret_cast<uint32_t*>(out + row0 * p.son + col) =
+          pack2<T>(o[4 * i] * inv0, o[4 * i + 1] * inv0);
+    if (row1 < p.nq)
+      *reinterpret_cast<uint32_t*>(out + row1 * p.son + col) =
+          pack2<T>(o[4 * i + 2] * inv1, o[4 * i + 3] * inv1);
+  }
+}
+
+}  // namespace fsq
+
+// -- host side ----------------------------------------------------------------------------
+
+extern "C" {
+
+// Mirrored by ctypes in sm90.py; every field 8 bytes.
+struct FsqArgs {
+  unsigned long long q, k, v, qs, ks, out, full_num, full_idx, row_order, stream;
+  long long v_sb, v_sh, v_sn, o_sb, o_sh, o_sn;  // elements
+  long long snb, snh, sib, sih, siq;
+  long long batch, hq, hkv, nq, nk, nq_pad, nk_pad, d, bn, bf16, nqb, nkb, n_dense, pingpong;
+};
+
+}
+
+namespace {
+
+PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
+  if (!fn) {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult res;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault,
+                                         &res) == cudaSuccess &&
+        res == cudaDriverEntryPointSuccess)
+      fn = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  }
+  return fn;
+}
+
+int make_map(CUtensorMap* map, CUtensorMapDataType type, int rank, void* addr,
+             const unsigned long long* dims, const unsigned long long* strides_bytes,
+             const unsigned* box, CUtensorMapSwizzle swizzle, char* err, int err_len) {
+  auto fn = encode_fn();
+  if (!fn) {
+    snprintf(err, err_len, "cuTensorMapEncodeTiled is not available from the CUDA driver");
+    return 1;
+  }
+  cuuint64_t d[5], st[4];
+  cuuint32_t bx[5], es[5];
+  for (int i = 0; i < rank; ++i) {
+    d[i] = dims[i];
+    bx[i] = box[i];
+    es[i] = 1;
+    if (i + 1 < rank) st[i] = strides_bytes[i];
+  }
+  CUresult r = fn(map, type, rank, addr, d, st, bx, es, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
+                  CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    snprintf(err, err_len, "cuTensorMapEncodeTiled failed with CUresult %d", int(r));
+    return 1;
+  }
+  return 0;
+}
+
+template <int D, int BN, int STAGES, typename T>
+int launch(const FsqArgs& a, const CUtensorMap& tq, const CUtensorMap& tk, const CUtensorMap& tv,
+           const fsq::Params& p, char* err, int err_len) {
+  using L = fsq::Layout<D, BN, STAGES>;
+  auto kernel = fsq::attn_kernel<D, BN, STAGES, T>;
+  const int smem = L::BYTES + 1024;
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (e == cudaSuccess) {
+    dim3 grid(static_cast<unsigned>(a.nqb), static_cast<unsigned>(a.batch * a.hq));
+    kernel<<<grid, fsq::THREADS, smem, reinterpret_cast<cudaStream_t>(a.stream)>>>(tq, tk, tv, p);
+    e = cudaGetLastError();
+  }
+  if (e != cudaSuccess) {
+    snprintf(err, err_len, "sm90 attention launch failed: %s", cudaGetErrorString(e));
+    return 1;
+  }
+  return 0;
+}
+
+template <int D, int BN, typename T>
+int launch_stages(const FsqArgs& a, const CUtensorMap& tq, const CUtensorMap& tk,
+                  const CUtensorMap& tv, const fsq::Params& p, char* err, int err_len) {
+  // Two stages at D=128 (112 KB), three at D=64 (80 KB).
+  return launch<D, BN, D == 128 ? 2 : 3, T>(a, tq, tk, tv, p, err, err_len);
+}
+
+}  // namespace
+
+extern "C" int fsq_attention_sm90(const FsqArgs* a, char* err, int err_len) {
+  CUtensorMap tq, tk, tv;
+  const unsigned d = static_cast<unsigned>(a->d), bn = static_cast<unsigned>(a->bn);
+  const CUtensorMapSwizzle sw_qk =
+      d == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B;
+  {
+    const unsigned long long dims[3] = {d, (unsigned long long)a->nq_pad,
+                                        (unsigned long long)(a->batch * a->hq)};
+    const unsigned long long st[2] = {d, (unsigned long long)(a->nq_pad * d)};
+    const unsigned box[3] = {d, 128, 1};
+    if (make_map(&tq, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, (void*)a->q, dims, st, box, sw_qk, err,
+                 err_len))
+      return 1;
+  }
+  {
+    const unsigned long long dims[3] = {d, (unsigned long long)a->nk_pad,
+                                        (unsigned long long)(a->batch * a->hkv)};
+    const unsigned long long st[2] = {d, (unsigned long long)(a->nk_pad * d)};
+    const unsigned box[3] = {d, bn, 1};
+    if (make_map(&tk, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, (void*)a->k, dims, st, box, sw_qk, err,
+                 err_len))
+      return 1;
+  }
+  {
+    const unsigned long long dims[4] = {d, (unsigned long long)a->nk, (unsigned long long)a->hkv,
+                                        (unsigned long long)a->batch};
+    const unsigned long long st[3] = {(unsigned long long)a->v_sn * 2,
+                                      (unsigned long long)a->v_sh * 2,
+                                      (unsigned long long)a->v_sb * 2};
+    const unsigned box[4] = {64, bn, 1, 1};
+    if (make_map(&tv,
+                 a->bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
+                 (void*)a->v, dims, st, box, CU_TENSOR_MAP_SWIZZLE_128B, err, err_len))
+      return 1;
+  }
+  fsq::Params p;
+  p.qs = reinterpret_cast<const float*>(a->qs);
+  p.ks = reinterpret_cast<const float*>(a->ks);
+  p.out = reinterpret_cast<void*>(a->out);
+  p.full_num = reinterpret_cast<const int*>(a->full_num);
+  p.full_idx = reinterpret_cast<const int*>(a->full_idx);
+  p.row_order = reinterpret_cast<const int*>(a->row_order);
+  p.sob = a->o_sb;
+  p.soh = a->o_sh;
+  p.son = a->o_sn;
+  p.snb = a->snb;
+  p.snh = a->snh;
+  p.sib = a->sib;
+  p.sih = a->sih;
+  p.siq = a->siq;
+  p.hq = int(a->hq);
+  p.group = int(a->hq / a->hkv);
+  p.hkv = int(a->hkv);
+  p.nq = int(a->nq);
+  p.nk = int(a->nk);
+  p.nqb = int(a->nqb);
+  p.nkb = int(a->nkb);
+  p.n_dense = int(a->n_dense);
+  p.pingpong = int(a->pingpong);
+
+#define FSQ_CASE(D_, BN_, T_)                                             \
+  if (d == D_ && bn == BN_ && (a->bf16 != 0) == std::is_same<T_, __nv_bfloat16>::value) \
+    return launch_stages<D_, BN_, T_>(*a, tq, tk, tv, p, err, err_len);
+  FSQ_CASE(64, 64, __half)
+  FSQ_CASE(64, 128, __half)
+  FSQ_CASE(128, 64, __half)
+  FSQ_CASE(128, 128, __half)
+  FSQ_CASE(64, 64, __nv_bfloat16)
+  FSQ_CASE(64, 128, __nv_bfloat16)
+  FSQ_CASE(128, 64, __nv_bfloat16)
+  FSQ_CASE(128, 128, __nv_bfloat16)
+#undef FSQ_CASE
+  snprintf(err, err_len, "no sm90 kernel for head_dim %u, block_n %u", d, bn);
+  return 1;
+}

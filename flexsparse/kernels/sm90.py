@@ -1,0 +1,222 @@
+"""Host side of the Hopper kernel (``csrc/quant_attn_sm90.cu``).
+
+The kernel is CUDA C++ for sm_90a (wgmma, TMA, ``setmaxnreg``), which Triton 3.6 cannot
+express correctly (docs/kernel_notes.md). It is built with ``nvcc`` on first use into a
+per-user cache (``FLEXSPARSE_CACHE``, default ``~/.cache/flexsparse``), keyed by the
+source and the compiler, and loaded with ``ctypes``: no build step at install, no torch
+headers (a build takes seconds), and a machine without ``nvcc`` simply keeps the Triton
+kernel (``build_error`` says why).
+
+It runs the fast path of ``quant_attention``: dense calls and tile maps without partial
+tiles (radial block maps, SpargeAttn's predicted maps), GQA, ``q_len != kv_len``, any
+lengths, 16-bit P·V in V's own dtype with V read in place. Partial tiles, the causal
+rule, ``pvthreshd`` and FP8 P·V stay on the Triton kernel (``not_supported_reasons``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = ("quant_attn_sm90.cu", "wgmma.cuh")
+NVCC_FLAGS = (
+    "-shared", "-Xcompiler", "-fPIC", "-O3", "-std=c++17", "--use_fast_math",
+    "-gencode=arch=compute_90a,code=sm_90a",
+)
+#: Query rows per CTA (two consumer warpgroups of 64).
+BLOCK_M = 128
+#: Key rows per step of the dense mode.
+DENSE_BLOCK_N = 128
+#: ``"auto"``: the sm90 kernel wherever it can run, ``"off"``: never (benchmarks flip it
+#: to time the Triton kernel in the same run).
+MODE = os.environ.get("FLEXSPARSE_SM90", "auto")
+#: Whether the two consumer warpgroups take turns issuing their MMAs, per head_dim.
+#: H100, dense 2x24x17776 D=128: 757 TOPS with, 740 without; 2x30x17776 D=64: 491 with,
+#: 505 without (one run, 2026-11-25; docs/kernel_notes.md). Benchmarks flip it.
+PINGPONG = {64: False, 128: True}
+
+
+def cache_dir() -> Path:
+    """Where built kernels live (``FLEXSPARSE_CACHE`` or ``~/.cache/flexsparse``)."""
+    root = os.environ.get("FLEXSPARSE_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "flexsparse"
+
+
+def find_nvcc() -> str | None:
+    """``nvcc`` from ``CUDA_HOME`` / ``CUDA_PATH``, torch's CUDA home, or the ``PATH``."""
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    try:
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        homes.append(CUDA_HOME)
+    except Exception:  # pragma: no cover - torch without cpp_extension
+        pass
+    for home in homes:
+        if home and (Path(home) / "bin" / "nvcc").is_file():
+            return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def _source_key(nvcc: str, flags: tuple[str, ...]) -> str:
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    digest = hashlib.sha256(version.encode())
+    digest.update(" ".join(flags).encode())
+    for name in SOURCES:
+        digest.update((CSRC / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+class _Args(ctypes.Structure):
+    """``FsqArgs`` of the CUDA source: every field 8 bytes."""
+
+    _fields_ = [
+        (name, ctypes.c_ulonglong)
+        for name in ("q", "k", "v", "qs", "ks", "out", "full_num", "full_idx", "row_order",
+                     "stream")
+    ] + [
+        (name, ctypes.c_longlong)
+        for name in ("v_sb", "v_sh", "v_sn", "o_sb", "o_sh", "o_sn", "snb", "snh", "sib", "sih",
+                     "siq", "batch", "hq", "hkv", "nq", "nk", "nq_pad", "nk_pad", "d", "bn",
+                     "bf16", "nqb", "nkb", "n_dense", "pingpong")
+    ]
+
+
+def build(nvcc: str, root: Path | None = None, extra_flags: tuple[str, ...] = ()) -> Path:
+    """Builds the kernel library with ``nvcc`` under ``root`` (default ``cache_dir()``),
+    once per source and compiler (a file lock guards concurrent builds); returns its path.
+    Raises ``RuntimeError`` with the compiler's message when the build fails."""
+    from filelock import FileLock
+
+    root = cache_dir() if root is None else root
+    key = _source_key(nvcc, NVCC_FLAGS + extra_flags)
+    target = root / "sm90" / key / "libflexsparse_sm90.so"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not target.is_file():
+            log.warning("flexsparse: building the sm90 attention kernel (once, ~10 s)")
+            tmp = target.with_suffix(".tmp.so")
+            cmd = [nvcc, *NVCC_FLAGS, *extra_flags, "-o", str(tmp), str(CSRC / SOURCES[0])]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"nvcc failed to build the sm90 kernel:\n{done.stderr[-2000:]}")
+            tmp.replace(target)
+    return target
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> tuple[ctypes.CDLL | None, str | None]:
+    nvcc = find_nvcc()
+    if nvcc is None:
+        return None, "nvcc was not found (set CUDA_HOME) to build the sm90 kernel"
+    try:
+        lib = ctypes.CDLL(str(build(nvcc)))
+    except (OSError, RuntimeError) as exc:
+        return None, f"the sm90 kernel could not be built or loaded ({exc})"
+    lib.fsq_attention_sm90.argtypes = [ctypes.POINTER(_Args), ctypes.c_char_p, ctypes.c_int]
+    lib.fsq_attention_sm90.restype = ctypes.c_int
+    return lib, None
+
+
+def build_error() -> str | None:
+    """Why the kernel cannot be built or loaded here (None: it is ready)."""
+    return _library()[1]
+
+
+def _tma_ready(t: Tensor) -> bool:
+    """A 16-bit ``[B, H, N, D]`` tensor the copy engine can read in place: 16-byte aligned
+    base and strides (in elements: multiples of 8), last dim contiguous, and no stride
+    that steps back into a row (broadcast views, e.g. ``expand``, fail this)."""
+    return (
+        t.stride(-1) == 1
+        and t.data_ptr() % 16 == 0
+        and all(s % 8 == 0 and (s >= t.shape[-1] or n == 1)
+                for s, n in zip(t.stride()[:-1], t.shape[:-1]))
+    )
+
+
+def device_reasons(q: Tensor, v: Tensor) -> list[str]:
+    """Why the kernel cannot run on these inputs' device, dtype and layout (empty: it can)."""
+    if MODE == "off":
+        return ["the sm90 kernel is switched off (flexsparse.kernels.sm90.MODE)"]
+    if q.device.type != "cuda":
+        return [f"needs a CUDA device, got {q.device.type}"]
+    out = []
+    cap = torch.cuda.get_device_capability(q.device)
+    if cap != (9, 0):
+        out.append(f"needs compute capability 9.0 (Hopper), got {cap[0]}.{cap[1]}")
+    if q.shape[-1] not in (64, 128):
+        out.append(f"head_dim must be 64 or 128, got {q.shape[-1]}")
+    if not _tma_ready(v):
+        out.append(f"v's strides {tuple(v.stride())} are not 16-byte multiples")
+    if not out and build_error():
+        out.append(build_error())
+    return out
+
+
+def attention(
+    qi: Tensor,
+    qs: Tensor,
+    ki: Tensor,
+    ks: Tensor,
+    v: Tensor,
+    out: Tensor,
+    *,
+    block_n: int,
+    lists=None,
+    row_order: Tensor | None = None,
+) -> Tensor:
+    """Runs the kernel into ``out``.
+
+    Args:
+        qi: int8 ``[B, Hq, NQ_PAD, D]`` (``_quant_rows`` at 128 rows); qs: fp32
+            ``[B, Hq, NQ_PAD / 128]``.
+        ki: int8 ``[B, Hkv, NK_PAD, D]`` quantized per ``block_n`` rows; ks: fp32
+            ``[B, Hkv, NK_PAD / block_n]``.
+        v: ``[B, Hkv, Nk, D]`` in the P·V dtype (fp16 / bf16), read in place.
+        out: ``[B, Hq, Nq, D]`` in v's dtype, last dim contiguous.
+        block_n: key rows per step: the tile width of ``lists``, else 128.
+        lists: ``quant.TileLists`` without partial tiles, or None for dense.
+        row_order: int32 ``[NQB]``, the order the CTAs take the query tiles in (lists).
+    """
+    lib, err = _library()
+    if lib is None:
+        raise RuntimeError(err)
+    bsz, hq, nq_pad, d = qi.shape
+    hkv, nk_pad = ki.shape[1], ki.shape[2]
+    a = _Args()
+    a.q, a.k, a.v, a.qs, a.ks, a.out = (t.data_ptr() for t in (qi, ki, v, qs, ks, out))
+    a.v_sb, a.v_sh, a.v_sn = v.stride(0), v.stride(1), v.stride(2)
+    a.o_sb, a.o_sh, a.o_sn = out.stride(0), out.stride(1), out.stride(2)
+    if lists is not None:
+        a.full_num, a.full_idx = lists.full_num.data_ptr(), lists.full_idx.data_ptr()
+        a.snb, a.snh = (lists.full_num.stride(i) if lists.full_num.shape[i] > 1 else 0
+                        for i in range(2))
+        a.sib, a.sih = (lists.full_idx.stride(i) if lists.full_idx.shape[i] > 1 else 0
+                        for i in range(2))
+        a.siq = lists.full_idx.stride(2)
+        a.row_order = 0 if row_order is None else row_order.data_ptr()
+    a.stream = torch.cuda.current_stream(qi.device).cuda_stream
+    a.batch, a.hq, a.hkv = bsz, hq, hkv
+    a.nq, a.nk = out.shape[2], v.shape[2]
+    a.nq_pad, a.nk_pad, a.d, a.bn = nq_pad, nk_pad, d, block_n
+    a.bf16 = int(v.dtype == torch.bfloat16)
+    a.nqb, a.nkb = qs.shape[2], ks.shape[2]
+    a.n_dense = -(-a.nk // block_n)
+    a.pingpong = PINGPONG[d]
+    err_buf = ctypes.create_string_buffer(512)
+    with torch.cuda.device(qi.device):
+        if lib.fsq_attention_sm90(ctypes.byref(a), err_buf, len(err_buf)):
+            raise RuntimeError(err_buf.value.decode())
+    return out
