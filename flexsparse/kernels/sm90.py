@@ -123,6 +123,8 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     try:
         lib = ctypes.CDLL(str(build(nvcc)))
     except (OSError, RuntimeError) as exc:
+        # Once per process: the Triton kernel runs these calls instead, with one arithmetic.
+        log.warning("flexsparse: the sm90 kernel is unavailable, using Triton's: %s", exc)
         return None, f"the sm90 kernel could not be built or loaded ({exc})"
     lib.fsq_attention_sm90.argtypes = [ctypes.POINTER(_Args), ctypes.c_char_p, ctypes.c_int]
     lib.fsq_attention_sm90.restype = ctypes.c_int
