@@ -697,7 +697,6 @@ def quant_attention(
         )
 
     if lists is not None:
-        mode = 2
         for name, t in (("full", lists.full_num), ("partial", lists.part_num)):
             if t.dim() != 3 or t.shape[2] != nqb or t.shape[0] not in (1, bsz) or (
                 t.shape[1] not in (1, hq)
@@ -706,6 +705,15 @@ def quant_attention(
                     f"the {name} tile lists must be [1 or B, 1 or Hq, {nqb}], got "
                     f"{tuple(t.shape)}"
                 )
+    out = torch.empty(bsz, hq, nq, d, dtype=q.dtype, device=dev)
+    if hopper:
+        return sm90.attention(
+            qi, qs, ki, ks, vq, out, block_n=block_n, lists=lists,
+            row_order=lists.row_order if lists is not None and ROW_ORDER else None,
+        )
+
+    if lists is not None:
+        mode = 2
         snb, snh = _list_strides(lists.full_num, 2)
         sib, sih = _list_strides(lists.full_idx, 2)
         siq = lists.full_idx.stride(2)
@@ -719,13 +727,6 @@ def quant_attention(
         unused = torch.zeros(1, dtype=torch.int32, device=dev)
         tl_args = (ks,) * 5 + (unused, unused)
     pvt_dev = ks if pvt is None else pvt.to(dev)
-
-    out = torch.empty(bsz, hq, nq, d, dtype=q.dtype, device=dev)
-    if hopper:
-        return sm90.attention(
-            qi, qs, ki, ks, vq, out, block_n=block_n, lists=lists,
-            row_order=lists.row_order if lists is not None and ROW_ORDER else None,
-        )
     K._attn[(nqb, bsz * hq)](
         qi, ki, vq, qs, ks, sv, out, *tl_args, pvt_dev,
         v_strides[0], v_strides[1],
@@ -742,8 +743,6 @@ def quant_attention(
 
 
 # -- the backend ---------------------------------------------------------------------------
-
-
 
 
 def sm90_reasons(

@@ -202,11 +202,11 @@ def attention(
     a.v_sb, a.v_sh, a.v_sn = v.stride(0), v.stride(1), v.stride(2)
     a.o_sb, a.o_sh, a.o_sn = out.stride(0), out.stride(1), out.stride(2)
     if lists is not None:
+        from .quant import _list_strides  # quant imports this module
+
         a.full_num, a.full_idx = lists.full_num.data_ptr(), lists.full_idx.data_ptr()
-        a.snb, a.snh = (lists.full_num.stride(i) if lists.full_num.shape[i] > 1 else 0
-                        for i in range(2))
-        a.sib, a.sih = (lists.full_idx.stride(i) if lists.full_idx.shape[i] > 1 else 0
-                        for i in range(2))
+        a.snb, a.snh = _list_strides(lists.full_num, 2)
+        a.sib, a.sih = _list_strides(lists.full_idx, 2)
         a.siq = lists.full_idx.stride(2)
         a.row_order = 0 if row_order is None else row_order.data_ptr()
     a.stream = torch.cuda.current_stream(qi.device).cuda_stream
