@@ -447,6 +447,13 @@ def test_sm90_reasons_name_what_stays_on_triton():
     assert not sm90._tma_ready(expanded)  # broadcast heads: the Triton kernel reads them
 
 
+def test_explain_names_the_kernel():
+    q = torch.randn(1, 2, 300, 64, dtype=torch.bfloat16)
+    call = AttentionCall(q, q, q, masks.causal(), 0.125, False)
+    text = QuantBackend().describe(call)
+    assert "Triton" in text and "causal" in text and "CUDA device" in text
+
+
 def test_generated_wgmma_header_is_current(tmp_path):
     gen = sm90.CSRC / "gen_wgmma.py"
     copy = tmp_path / "gen_wgmma.py"

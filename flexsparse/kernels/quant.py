@@ -71,6 +71,10 @@ HEAD_DIMS = (64, 128)
 PV_DTYPES = ("auto", "fp8", "fp16", "bf16")
 #: ``quant_attention(kernel=)``: the Hopper CUDA kernel where it can run, or a fixed one.
 KERNELS = ("auto", "triton", "sm90")
+#: Tile widths ``kernel="auto"`` runs on the Hopper kernel. It runs 64-column tiles too, but
+#: slower than Triton's kernel: H100, SpargeAttn's 128 x 64 maps at the CogVideoX-2b shape
+#: (D=64, 0.35/0.98), 9.83 vs 8.27 ms (BENCHMARKS.md, 2026-11-25 late evening).
+SM90_TILE_N = (128,)
 #: The 16-bit P·V formats, by name.
 PV_TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 #: Above this many bytes of packed partial-tile bits the backend declines the call.
@@ -627,13 +631,12 @@ def quant_attention(
         raise ValueError("causal=True takes no tiles (apply causality in the mask)")
     hopper = False
     if kernel != "triton":
-        reasons = sm90_reasons(q, v, causal=causal, lists=lists, pvthreshd=pvthreshd,
-                               pv_dtype=pv_dtype, overrides=overrides)
+        reasons = sm90_reasons(q, v, causal=causal, pvthreshd=pvthreshd, pv_dtype=pv_dtype,
+                               n_partial=0 if lists is None else lists.n_partial,
+                               overrides=overrides)
         if kernel == "sm90" and reasons:
             raise ValueError(f"kernel='sm90' cannot run this call: {'; '.join(reasons)}")
-        # 64-column tiles run it, but slower than Triton's kernel: H100, SpargeAttn's
-        # 128 x 64 maps at the CogVideoX-2b shape (D=64), 9.83 vs 8.27 ms (BENCHMARKS.md).
-        hopper = not reasons and (kernel == "sm90" or tile_n == 128)
+        hopper = not reasons and (kernel == "sm90" or tile_n in SM90_TILE_N)
     from . import _triton_quant as K  # Q and K are quantized by Triton for both kernels
 
     if hopper:
@@ -750,20 +753,20 @@ def sm90_reasons(
     v: Tensor,
     *,
     causal: bool = False,
-    lists: TileLists | None = None,
+    n_partial: int = 0,
     pvthreshd=None,
     pv_dtype: str = "auto",
     overrides: tuple = (),
 ) -> list[str]:
     """Why the Hopper kernel (``sm90``) cannot run a ``quant_attention`` call (empty: it
-    can); the Triton kernel runs it then. ``lists=None`` is a dense or causal call."""
+    can); the Triton kernel runs it then. ``n_partial``: partial tiles of the call's map."""
     out = sm90.device_reasons(q, v)
     if pv_dtype == "auto":
         pv_dtype = default_pv_dtype(q.dtype)
     if causal:
         out.append("the causal rule runs on the Triton kernel")
-    if lists is not None and lists.n_partial:
-        out.append(f"{lists.n_partial} partial tiles (the token rule runs on the Triton kernel)")
+    if n_partial:
+        out.append(f"{n_partial} partial tiles (the token rule runs on the Triton kernel)")
     if pvthreshd is not None:
         out.append("pvthreshd runs on the Triton kernel")
     if PV_TORCH_DTYPES.get(pv_dtype) != v.dtype:
@@ -828,6 +831,20 @@ class QuantBackend:
                 f"{need >> 20} MiB of packed bits, over the {MAX_BITS_BYTES >> 20} MiB limit"
             )
         return reasons
+
+    def describe(self, call) -> str:
+        """Which of the two kernels runs ``call`` (what ``fs.explain`` prints)."""
+        mode = _mode_of(call.mask)
+        tile = _tile_size(call) if mode == "tiles" else (BLOCK_M, TILE_N)
+        why = sm90_reasons(
+            call.q, call.v, causal=mode == "causal",
+            n_partial=call.tile_counts(tile).partial if mode == "tiles" else 0,
+        )
+        if not why and tile[1] not in SM90_TILE_N:
+            why = [f"{tile[1]}-column tiles run faster on the Triton kernel"]
+        if not why:
+            return "quantized block-sparse kernel, the Hopper CUDA C++ one"
+        return f"quantized block-sparse kernel, the Triton one ({'; '.join(why)})"
 
     def run(self, call) -> Tensor:
         """``[B, Hq, Q, D]`` in ``q``'s dtype (``not_supported_reasons`` was empty)."""
