@@ -8,9 +8,10 @@ headers (a build takes seconds), and a machine without ``nvcc`` simply keeps the
 kernel (``build_error`` says why).
 
 It runs the fast path of ``quant_attention``: dense calls and tile maps without partial
-tiles (radial block maps, SpargeAttn's predicted maps), GQA, ``q_len != kv_len``, any
-lengths, 16-bit P·V in V's own dtype with V read in place. Partial tiles, the causal
-rule, ``pvthreshd`` and FP8 P·V stay on the Triton kernel (``not_supported_reasons``).
+tiles (radial block maps), GQA, ``q_len != kv_len``, any lengths, 16-bit P·V in V's own
+dtype with V read in place. Partial tiles, the causal rule, ``pvthreshd`` and FP8 P·V stay
+on the Triton kernel (``quant.sm90_reasons``), and so do 128 x 64 maps under
+``kernel="auto"`` (``quant.SM90_TILE_N``: slower here).
 """
 
 from __future__ import annotations
@@ -35,10 +36,6 @@ NVCC_FLAGS = (
     "-shared", "-Xcompiler", "-fPIC", "-O3", "-std=c++17", "--use_fast_math",
     "-gencode=arch=compute_90a,code=sm_90a",
 )
-#: Query rows per CTA (two consumer warpgroups of 64).
-BLOCK_M = 128
-#: Key rows per step of the dense mode.
-DENSE_BLOCK_N = 128
 #: ``"auto"``: the sm90 kernel wherever it can run, ``"off"``: never (benchmarks flip it
 #: to time the Triton kernel in the same run).
 MODE = os.environ.get("FLEXSPARSE_SM90", "auto")
