@@ -15,8 +15,9 @@ Cases (bf16, one H100-filling shape each; heads chosen so that one call takes 5-
 
 Rows per case: cuDNN dense SDPA (the peer), ``auto`` (and what it picked), FlexAttention
 compiled on the same BlockMask with flexsparse's tuned kernel options (``backend="flex"``)
-and with torch's defaults, and ``backend="quant"`` where it can run the call. Accuracy on
-256 sampled query rows of batch 0, all heads, against fp32: the masked reference for
+and with torch's defaults, ``backend="quant"`` where it can run the call, and on an sm_90
+GPU the same call on the Triton kernel (``sm90.MODE = "off"``), timed in the same rounds.
+Accuracy on 256 sampled query rows of batch 0, all heads, against fp32: the masked reference for
 radial, dense attention for meansim (what it approximates); relative L1 and L2.
 
 The crossover table times FlexAttention (and quant where it runs) on random 128 x 64 tile
