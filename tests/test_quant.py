@@ -439,6 +439,8 @@ def test_sm90_reasons_name_what_stays_on_triton():
                                  overrides=(64, None, None, None)))
     for word in ("CUDA device", "causal", "pvthreshd", "fp8", "overrides"):
         assert word in text
+    mixed = " ".join(sm90_reasons(q.half(), q, pv_dtype="bf16"))
+    assert "q in torch.float16 and v in torch.bfloat16" in mixed  # out is q's dtype
     strided = torch.randn(1, 130, 2, 68, dtype=torch.bfloat16).transpose(1, 2)[..., :64]
     assert not sm90._tma_ready(strided) and sm90._tma_ready(strided.contiguous())
     diffusers = torch.randn(1, 130, 2, 64, dtype=torch.bfloat16).transpose(1, 2)

@@ -771,6 +771,8 @@ def sm90_reasons(
         out.append("pvthreshd runs on the Triton kernel")
     if PV_TORCH_DTYPES.get(pv_dtype) != v.dtype:
         out.append(f"P·V in {pv_dtype} for v in {v.dtype} runs on the Triton kernel")
+    if v.dtype != q.dtype:  # the kernel writes the output in V's type
+        out.append(f"q in {q.dtype} and v in {v.dtype} run on the Triton kernel")
     if any(x is not None for x in overrides):
         out.append("Triton launch overrides (block_n, num_warps, num_stages, maxnreg) given")
     return out

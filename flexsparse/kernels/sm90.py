@@ -159,6 +159,8 @@ def device_reasons(q: Tensor, v: Tensor) -> list[str]:
         out.append(f"head_dim must be 64 or 128, got {q.shape[-1]}")
     if not _tma_ready(v):
         out.append(f"v's strides {tuple(v.stride())} are not 16-byte multiples")
+    if v.shape[2] < 128:  # one copy box spans 128 keys; shorter V untested on the GPU
+        out.append(f"fewer than 128 keys ({v.shape[2]})")
     if not out and build_error():
         out.append(build_error())
     return out
