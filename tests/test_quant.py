@@ -492,3 +492,18 @@ def test_sm90_kernel_builds_without_spills(tmp_path):
     assert hasattr(lib, "fsq_attention_sm90")
     path = sm90.build(nvcc, root=tmp_path / "cache")
     assert path.is_file() and sm90.build(nvcc, root=tmp_path / "cache") == path
+
+
+def test_sm90_build_failure_is_reported(tmp_path, monkeypatch):
+    """A compiler that fails gives a RuntimeError with its message, and ``CUDA_HOME``'s nvcc
+    is the one found first."""
+    fake = tmp_path / "cuda" / "bin" / "nvcc"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo fake 1.0 && exit 0\n"
+                    "echo 'error: no sm_90a here' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "cuda"))
+    assert sm90.find_nvcc() == str(fake)
+    with pytest.raises(RuntimeError, match="no sm_90a here"):
+        sm90.build(str(fake), root=tmp_path / "cache")
+    assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-built is kept
