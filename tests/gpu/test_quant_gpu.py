@@ -311,3 +311,17 @@ def test_sm90_leaves_what_it_cannot_run_to_triton():
     assert sm90_reasons(q, v) == []
     assert any("compute capability" in r or "CUDA" in r
                for r in sm90_reasons(q.cpu(), v.cpu()))
+
+
+@needs_sm90
+def test_sm90_declines_mixed_dtypes_and_short_v():
+    """q and v of different dtypes (the kernel writes V's type) and V shorter than one
+    128-key copy box stay on the Triton kernel."""
+    q, k, v = qkv(1, 2, 2, 300, 300, 64, torch.bfloat16, 12)
+    short = [t[:, :, :100] for t in (k, v)]
+    for args, kw in (((q.half(), k, v), dict(pv_dtype="bf16")), ((q, *short), {})):
+        with pytest.raises(ValueError, match="kernel='sm90' cannot run"):
+            quant_attention(*args, kernel="sm90", **kw)
+        auto = quant_attention(*args, **kw)
+        assert auto.dtype == args[0].dtype
+        assert torch.equal(auto, quant_attention(*args, kernel="triton", **kw))
