@@ -621,10 +621,8 @@ def quant_attention(
     tile_n = TILE_N if tile_n is None else tile_n
     cfg = config(q.shape[-1], pv_dtype, tile_n if tile_n in (64, 128) else TILE_N)
     overrides = (block_n, num_warps, num_stages, maxnreg)
-    pvt = _check_inputs(
-        q, k, v, pvthreshd, pv_dtype, min(cfg[0], tile_n) if block_n is None else block_n,
-        kept, tile_n,
-    )
+    block_n = min(cfg[0], tile_n) if block_n is None else block_n
+    pvt = _check_inputs(q, k, v, pvthreshd, pv_dtype, block_n, kept, tile_n)
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"q, k, v must be float16 or bfloat16, got {q.dtype}")
     if causal and (kept is not None or lists is not None):
@@ -633,15 +631,14 @@ def quant_attention(
     if kernel != "triton":
         reasons = sm90_reasons(q, v, causal=causal, pvthreshd=pvthreshd, pv_dtype=pv_dtype,
                                n_partial=0 if lists is None else lists.n_partial,
-                               overrides=overrides)
+                               overrides=overrides, tile_n=tile_n if kernel == "auto" else None)
         if kernel == "sm90" and reasons:
             raise ValueError(f"kernel='sm90' cannot run this call: {'; '.join(reasons)}")
-        hopper = not reasons and (kernel == "sm90" or tile_n in SM90_TILE_N)
+        hopper = not reasons
     from . import _triton_quant as K  # Q and K are quantized by Triton for both kernels
 
     if hopper:
         block_n = tile_n  # one K scale and one softmax step per tile
-    block_n = min(cfg[0], tile_n) if block_n is None else block_n
     num_warps = cfg[1] if num_warps is None else num_warps
     num_stages = cfg[2] if num_stages is None else num_stages
     if maxnreg is None and block_n == cfg[0] and num_warps == cfg[1] and pvt is None:
@@ -757,9 +754,12 @@ def sm90_reasons(
     pvthreshd=None,
     pv_dtype: str = "auto",
     overrides: tuple = (),
+    tile_n: int | None = None,
 ) -> list[str]:
-    """Why the Hopper kernel (``sm90``) cannot run a ``quant_attention`` call (empty: it
-    can); the Triton kernel runs it then. ``n_partial``: partial tiles of the call's map."""
+    """Why the Hopper kernel (``sm90``) does not run a ``quant_attention`` call (empty: it
+    does); the Triton kernel runs it then. ``n_partial``: partial tiles of the call's map.
+    ``tile_n``: the map's tile width, for ``kernel="auto"``, which leaves widths outside
+    ``SM90_TILE_N`` to Triton (None: what ``kernel="sm90"`` can run at all)."""
     out = sm90.device_reasons(q, v)
     if pv_dtype == "auto":
         pv_dtype = default_pv_dtype(q.dtype)
@@ -775,6 +775,8 @@ def sm90_reasons(
         out.append(f"q in {q.dtype} and v in {v.dtype} run on the Triton kernel")
     if any(x is not None for x in overrides):
         out.append("Triton launch overrides (block_n, num_warps, num_stages, maxnreg) given")
+    if tile_n is not None and tile_n not in SM90_TILE_N and not out:
+        out.append(f"{tile_n}-column tiles run faster on the Triton kernel")
     return out
 
 
@@ -839,11 +841,9 @@ class QuantBackend:
         mode = _mode_of(call.mask)
         tile = _tile_size(call) if mode == "tiles" else (BLOCK_M, TILE_N)
         why = sm90_reasons(
-            call.q, call.v, causal=mode == "causal",
+            call.q, call.v, causal=mode == "causal", tile_n=tile[1],
             n_partial=call.tile_counts(tile).partial if mode == "tiles" else 0,
         )
-        if not why and tile[1] not in SM90_TILE_N:
-            why = [f"{tile[1]}-column tiles run faster on the Triton kernel"]
         if not why:
             return "quantized block-sparse kernel, the Hopper CUDA C++ one"
         return f"quantized block-sparse kernel, the Triton one ({'; '.join(why)})"

@@ -132,52 +132,32 @@ __device__ __forceinline__ void fence_regs(float (&r)[N]) {
 }
 
 template <int BN>
-__device__ __forceinline__ void mma_qk(int (&s)[BN / 2], uint64_t da, uint64_t db, int acc);
-template <>
-__device__ __forceinline__ void mma_qk<64>(int (&s)[32], uint64_t da, uint64_t db, int acc) {
-  wgmma_s8_m64n64k32(s, da, db, acc);
-}
-template <>
-__device__ __forceinline__ void mma_qk<128>(int (&s)[64], uint64_t da, uint64_t db, int acc) {
-  wgmma_s8_m64n128k32(s, da, db, acc);
+__device__ __forceinline__ void mma_qk(int (&s)[BN / 2], uint64_t da, uint64_t db, int acc) {
+  if constexpr (BN == 64) wgmma_s8_m64n64k32(s, da, db, acc);
+  else wgmma_s8_m64n128k32(s, da, db, acc);
 }
 
 // O[64 x (D + 8)] += P V1 with V1 = [V | ones]: columns D.. of O carry the row sums of P.
 template <typename T, int D>
 __device__ __forceinline__ void mma_pv(float (&o)[D / 2 + 4], const uint32_t (&a)[4],
-                                       uint64_t db);
-template <>
-__device__ __forceinline__ void mma_pv<__nv_bfloat16, 64>(float (&o)[36], const uint32_t (&a)[4],
-                                                          uint64_t db) {
-  wgmma_bf16_m64n72k16_rs(o, a, db);
-}
-template <>
-__device__ __forceinline__ void mma_pv<__nv_bfloat16, 128>(float (&o)[68], const uint32_t (&a)[4],
-                                                           uint64_t db) {
-  wgmma_bf16_m64n136k16_rs(o, a, db);
-}
-template <>
-__device__ __forceinline__ void mma_pv<__half, 64>(float (&o)[36], const uint32_t (&a)[4],
-                                                   uint64_t db) {
-  wgmma_f16_m64n72k16_rs(o, a, db);
-}
-template <>
-__device__ __forceinline__ void mma_pv<__half, 128>(float (&o)[68], const uint32_t (&a)[4],
-                                                    uint64_t db) {
-  wgmma_f16_m64n136k16_rs(o, a, db);
+                                       uint64_t db) {
+  constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
+  if constexpr (bf16 && D == 64) wgmma_bf16_m64n72k16_rs(o, a, db);
+  else if constexpr (bf16) wgmma_bf16_m64n136k16_rs(o, a, db);
+  else if constexpr (D == 64) wgmma_f16_m64n72k16_rs(o, a, db);
+  else wgmma_f16_m64n136k16_rs(o, a, db);
 }
 
+// Two floats rounded to T and packed, the lower column in the low half.
 template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return reinterpret_cast<uint32_t&>(v);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  __half2 v = __floats2half2_rn(lo, hi);
-  return reinterpret_cast<uint32_t&>(v);
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return reinterpret_cast<uint32_t&>(v);
+  } else {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return reinterpret_cast<uint32_t&>(v);
+  }
 }
 
 // -- the kernel -------------------------------------------------------------------------
