@@ -507,3 +507,25 @@ def test_sm90_build_failure_is_reported(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="no sm_90a here"):
         sm90.build(str(fake), root=tmp_path / "cache")
     assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-built is kept
+
+
+def test_auto_leaves_64_column_tiles_to_triton(monkeypatch):
+    """With the device able to run it, ``kernel="auto"`` still leaves 64-column tiles to
+    the Triton kernel (measured faster there); ``kernel="sm90"`` may run them."""
+    from flexsparse.kernels.quant import sm90_reasons
+
+    monkeypatch.setattr(sm90, "device_reasons", lambda q, v: [])
+    q = torch.randn(1, 2, 300, 64, dtype=torch.bfloat16)
+    assert sm90_reasons(q, q, tile_n=128) == [] and sm90_reasons(q, q) == []
+    assert sm90_reasons(q, q, tile_n=64) == ["64-column tiles run faster on the Triton kernel"]
+    assert sm90_reasons(q, q, tile_n=64, causal=True) == [
+        "the causal rule runs on the Triton kernel"]
+
+
+def test_sm90_mode_is_checked(monkeypatch):
+    monkeypatch.setattr(sm90, "MODE", "0")
+    q = torch.randn(1, 2, 300, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="FLEXSPARSE_SM90.*'auto' or 'off', got '0'"):
+        sm90.device_reasons(q, q)
+    monkeypatch.setattr(sm90, "MODE", "off")
+    assert "switched off" in sm90.device_reasons(q, q)[0]

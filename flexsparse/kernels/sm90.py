@@ -147,6 +147,11 @@ def _tma_ready(t: Tensor) -> bool:
 
 def device_reasons(q: Tensor, v: Tensor) -> list[str]:
     """Why the kernel cannot run on these inputs' device, dtype and layout (empty: it can)."""
+    if MODE not in ("auto", "off"):
+        raise ValueError(
+            f"FLEXSPARSE_SM90 / flexsparse.kernels.sm90.MODE must be 'auto' or 'off', got "
+            f"{MODE!r}"
+        )
     if MODE == "off":
         return ["the sm90 kernel is switched off (flexsparse.kernels.sm90.MODE)"]
     if q.device.type != "cuda":
