@@ -4,9 +4,10 @@
 
 Shapes: CogVideoX-2b (B=2, H=30, 17,776 tokens, D=64) and the same length at D=128
 (B=2, H=24). Rows: cuDNN bf16 SDPA (the peer), ``quant_attention(kernel="triton")``, and the
-Hopper kernel (``kernel="sm90"``) with and without the consumer warpgroups' ping-pong
-(``sm90.PINGPONG``). Effective TOPS count ``4 * B * H * N^2 * D`` operations, the queued
-clock (calls back to back, as in a model's forward pass). Needs an sm_90 GPU and nvcc.
+Hopper kernel (``kernel="sm90"``) in each layout: three consumer warpgroups (D=64 only), two
+with and without their ping-pong (``sm90.CONSUMERS``, ``sm90.PINGPONG``). Effective TOPS
+count ``4 * B * H * N^2 * D`` operations, the queued clock (calls back to back, as in a
+model's forward pass). Needs an sm_90 GPU and nvcc.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from common import queued_ms, write_table  # noqa: E402
 from flexsparse.kernels import quant_attention, sm90  # noqa: E402
 
 SHAPES = ((2, 30, 17776, 64), (2, 24, 17776, 128))
-PINGPONG = {"sm90 ping-pong": True, "sm90 no ping-pong": False}
+#: layout name -> (consumer warpgroups, ping-pong)
+LAYOUTS = {"sm90 3 WG": (3, False), "sm90 2 WG ping-pong": (2, True),
+           "sm90 2 WG": (2, False)}
 
 
 def time_shape(b: int, h: int, n: int, d: int, reps: int) -> dict:
@@ -34,18 +37,19 @@ def time_shape(b: int, h: int, n: int, d: int, reps: int) -> dict:
     kernels = {
         "cuDNN": lambda: F.scaled_dot_product_attention(q, k, v),
         "Triton": lambda: quant_attention(q, k, v, kernel="triton"),
-        "sm90 ping-pong": lambda: quant_attention(q, k, v, kernel="sm90"),
-        "sm90 no ping-pong": lambda: quant_attention(q, k, v, kernel="sm90"),
     }
+    kernels.update({name: lambda: quant_attention(q, k, v, kernel="sm90") for name in LAYOUTS})
     row = {"shape": f"B={b} H={h} N={n} D={d}"}
-    default = sm90.PINGPONG[d]
+    default = sm90.CONSUMERS[d], sm90.PINGPONG[d]
     try:
         for name, fn in kernels.items():
-            sm90.PINGPONG[d] = PINGPONG.get(name, default)
+            sm90.CONSUMERS[d], sm90.PINGPONG[d] = LAYOUTS.get(name, default)
+            if sm90.CONSUMERS[d] == 3 and d != 64:
+                continue  # three consumer warpgroups exist at head_dim 64 only
             ms = queued_ms(fn, warmup=3, reps=reps)
             row[f"{name} ms"], row[f"{name} TOPS"] = ms, ops / ms / 1e9
     finally:
-        sm90.PINGPONG[d] = default
+        sm90.CONSUMERS[d], sm90.PINGPONG[d] = default
     return row
 
 
@@ -54,11 +58,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--results", default=None, help="append the markdown table here")
     args = ap.parse_args()
-    probe = torch.empty(1, 1, 8, 64, device="cuda", dtype=torch.bfloat16)
+    probe = torch.empty(1, 1, 128, 64, device="cuda", dtype=torch.bfloat16)
     if sm90.device_reasons(probe, probe):
         raise SystemExit(f"needs an sm_90 GPU and nvcc: {sm90.device_reasons(probe, probe)}")
     rows = [time_shape(*shape, args.reps) for shape in SHAPES]
-    names = ("cuDNN", "Triton", *PINGPONG)
+    names = ("cuDNN", "Triton", *LAYOUTS)
     columns = ["shape"] + [f"{k} {u}" for k in names for u in ("ms", "TOPS")]
     write_table(args.results, rows, columns, "Dense throughput: quantized kernels vs cuDNN",
                 notes=["queued clock, median of --reps calls after 3 warm-up calls"])

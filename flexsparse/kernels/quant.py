@@ -46,7 +46,7 @@ from __future__ import annotations
 import functools
 import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -163,6 +163,8 @@ class TileLists:
             sequence); ``P`` = partial tiles in all lists.
         row_order: int32 ``[Qb]``: the query tiles by decreasing work (``row_order``), the
             order the kernel's programs take them in.
+        derived: views of the lists a kernel computes once and keeps here (the Hopper
+            kernel's ``sm90.pair_lists``).
     """
 
     tile: tuple[int, int]
@@ -173,6 +175,7 @@ class TileLists:
     part_off: Tensor
     bits: Tensor
     row_order: Tensor
+    derived: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def n_partial(self) -> int:
@@ -709,7 +712,7 @@ def quant_attention(
     if hopper:
         return sm90.attention(
             qi, qs, ki, ks, vq, out, block_n=block_n, lists=lists,
-            row_order=lists.row_order if lists is not None and ROW_ORDER else None,
+            order=ROW_ORDER,
         )
 
     if lists is not None:

@@ -39,7 +39,12 @@ NVCC_FLAGS = (
 #: ``"auto"``: the sm90 kernel wherever it can run, ``"off"``: never (benchmarks flip it
 #: to time the Triton kernel in the same run).
 MODE = os.environ.get("FLEXSPARSE_SM90", "auto")
-#: Whether the two consumer warpgroups take turns issuing their MMAs, per head_dim.
+#: Consumer warpgroups (64 query rows each) per CTA, per head_dim: 3 at D=64 (192-row
+#: CTAs; a map's 128-row tiles are walked in pairs, ``pair_lists``), 2 at D=128, whose
+#: accumulators do not fit three. H100, dense 2x30x17776 D=64: 557-567 TOPS with 3,
+#: 503-505 with 2 (one run, 2026-11-25; docs/kernel_notes.md). Benchmarks flip it.
+CONSUMERS = {64: 3, 128: 2}
+#: With two consumer warpgroups: whether they take turns issuing their MMAs, per head_dim.
 #: H100, dense 2x24x17776 D=128: 757 TOPS with, 740 without; 2x30x17776 D=64: 491 with,
 #: 505 without (one run, 2026-11-25; docs/kernel_notes.md). Benchmarks flip it.
 PINGPONG = {64: False, 128: True}
@@ -86,7 +91,7 @@ class _Args(ctypes.Structure):
         (name, ctypes.c_longlong)
         for name in ("v_sb", "v_sh", "v_sn", "o_sb", "o_sh", "o_sn", "snb", "snh", "sib", "sih",
                      "siq", "batch", "hq", "hkv", "nq", "nk", "nq_pad", "nk_pad", "d", "bn",
-                     "bf16", "nqb", "nkb", "n_dense", "pingpong")
+                     "bf16", "nqb", "nkb", "n_dense", "pingpong", "nc", "n_tiles")
     ]
 
 
@@ -171,6 +176,39 @@ def device_reasons(q: Tensor, v: Tensor) -> list[str]:
     return out
 
 
+def pair_lists(full_num: Tensor, full_idx: Tensor, nkb: int, n_ctas: int,
+               rows: int = 192) -> tuple[Tensor, Tensor]:
+    """The key blocks a ``rows``-row CTA walks when its rows span two 128-row map tiles.
+
+    CTA ``c`` holds query rows ``[rows * c, rows * c + rows)``, the tiles ``t0 = rows * c //
+    128`` and ``t1`` (the tile of its last row, at most the last tile). It walks the union
+    of their lists in increasing key order; each entry is the key block plus bit 24 when
+    ``t0`` keeps it and bit 25 when ``t1`` does, so each consumer warpgroup computes only
+    its own tile's blocks.
+
+    Args:
+        full_num: int32 ``[Bm, Hm, Qb]``; full_idx: int32 ``[Bm, Hm, Qb, W]`` (tile lists).
+        nkb: key blocks in the sequence; n_ctas: CTAs per head.
+
+    Returns:
+        ``(num [Bm, Hm, n_ctas], idx [Bm, Hm, n_ctas, nkb])``, int32 and contiguous.
+    """
+    bm, hm, nqb = full_num.shape
+    dev = full_num.device
+    listed = torch.arange(full_idx.shape[-1], device=dev) < full_num[..., None]
+    member = torch.zeros(bm, hm, nqb, nkb + 1, dtype=torch.int32, device=dev)
+    member.scatter_(-1, torch.where(listed, full_idx.long(), nkb), 1)  # nkb: unlisted
+    member = member[..., :nkb]
+    c = torch.arange(n_ctas, device=dev)
+    t0 = rows * c // 128
+    t1 = ((rows * c + rows - 1) // 128).clamp(max=nqb - 1)
+    tiles = member[:, :, t0] | (member[:, :, t1] << 1)
+    cols = torch.arange(nkb, device=dev)
+    order = torch.where(tiles > 0, cols, nkb + cols).argsort(-1)  # the union, ascending
+    idx = order | (tiles.gather(-1, order) << 24)
+    return (tiles > 0).sum(-1).to(torch.int32).contiguous(), idx.to(torch.int32).contiguous()
+
+
 def attention(
     qi: Tensor,
     qs: Tensor,
@@ -181,7 +219,7 @@ def attention(
     *,
     block_n: int,
     lists=None,
-    row_order: Tensor | None = None,
+    order: bool = False,
 ) -> Tensor:
     """Runs the kernel into ``out``.
 
@@ -194,7 +232,8 @@ def attention(
         out: ``[B, Hq, Nq, D]`` in v's dtype, last dim contiguous.
         block_n: key rows per step: the tile width of ``lists``, else 128.
         lists: ``quant.TileLists`` without partial tiles, or None for dense.
-        row_order: int32 ``[NQB]``, the order the CTAs take the query tiles in (lists).
+        order: whether the CTAs take a map's query tiles (or tile pairs) by decreasing
+            work (``quant.row_order``) rather than in index order.
     """
     lib, err = _library()
     if lib is None:
@@ -205,22 +244,34 @@ def attention(
     a.q, a.k, a.v, a.qs, a.ks, a.out = (t.data_ptr() for t in (qi, ki, v, qs, ks, out))
     a.v_sb, a.v_sh, a.v_sn = v.stride(0), v.stride(1), v.stride(2)
     a.o_sb, a.o_sh, a.o_sn = out.stride(0), out.stride(1), out.stride(2)
+    nc = CONSUMERS[d]
+    if nc not in ((2, 3) if d == 64 else (2,)):
+        raise ValueError(f"sm90.CONSUMERS[{d}] must be {'2 or 3' if d == 64 else '2'}, got {nc}")
+    nq = out.shape[2]
+    a.nc, a.n_tiles = nc, -(-nq // (64 * nc))
     if lists is not None:
-        from .quant import _list_strides  # quant imports this module
+        from .quant import _list_strides, row_order  # quant imports this module
 
-        a.full_num, a.full_idx = lists.full_num.data_ptr(), lists.full_idx.data_ptr()
-        a.snb, a.snh = _list_strides(lists.full_num, 2)
-        a.sib, a.sih = _list_strides(lists.full_idx, 2)
-        a.siq = lists.full_idx.stride(2)
-        a.row_order = 0 if row_order is None else row_order.data_ptr()
+        num, idx, tile_order = lists.full_num, lists.full_idx, lists.row_order
+        if nc == 3:
+            key = ("pairs", a.n_tiles, ks.shape[2])
+            if key not in lists.derived:
+                pairs = pair_lists(num, idx, ks.shape[2], a.n_tiles)
+                lists.derived[key] = (*pairs, row_order(pairs[0], torch.zeros_like(pairs[0])))
+            num, idx, tile_order = lists.derived[key]
+        a.full_num, a.full_idx = num.data_ptr(), idx.data_ptr()
+        a.snb, a.snh = _list_strides(num, 2)
+        a.sib, a.sih = _list_strides(idx, 2)
+        a.siq = idx.stride(2)
+        a.row_order = tile_order.data_ptr() if order else 0
     a.stream = torch.cuda.current_stream(qi.device).cuda_stream
     a.batch, a.hq, a.hkv = bsz, hq, hkv
-    a.nq, a.nk = out.shape[2], v.shape[2]
+    a.nq, a.nk = nq, v.shape[2]
     a.nq_pad, a.nk_pad, a.d, a.bn = nq_pad, nk_pad, d, block_n
     a.bf16 = int(v.dtype == torch.bfloat16)
     a.nqb, a.nkb = qs.shape[2], ks.shape[2]
     a.n_dense = -(-a.nk // block_n)
-    a.pingpong = PINGPONG[d]
+    a.pingpong = nc == 2 and PINGPONG[d]
     err_buf = ctypes.create_string_buffer(512)
     with torch.cuda.device(qi.device):
         if lib.fsq_attention_sm90(ctypes.byref(a), err_buf, len(err_buf)):

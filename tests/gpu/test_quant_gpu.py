@@ -247,15 +247,20 @@ def test_auto_pv_dtype_is_the_inputs_own():
 needs_sm90 = pytest.mark.skipif(not SM90, reason="needs an sm_90 GPU and nvcc")
 
 
+# (seed, consumer warpgroups, ping-pong): three warpgroups exist at head_dim 64 (even seeds)
+LAYOUTS = [(seed, nc, pp) for seed in range(6)
+           for nc, pp in ((2, False), (2, True)) + (((3, False),) if seed % 2 == 0 else ())]
+
+
 @needs_sm90
-@pytest.mark.parametrize("pingpong", [False, True])
-@pytest.mark.parametrize("seed", range(6))
-def test_sm90_random_sizes(seed, pingpong, monkeypatch):
+@pytest.mark.parametrize("seed, consumers, pingpong", LAYOUTS)
+def test_sm90_random_sizes(seed, consumers, pingpong, monkeypatch):
     """The Hopper kernel on random shapes, tile widths, GQA, q_len != kv_len, odd lengths
-    and query tiles that keep nothing, with and without the warpgroup ping-pong."""
+    and query tiles that keep nothing, in each layout of its consumer warpgroups."""
     g = torch.Generator().manual_seed(100 + seed)
     d = (64, 128)[seed % 2]
     monkeypatch.setitem(sm90.PINGPONG, d, pingpong)
+    monkeypatch.setitem(sm90.CONSUMERS, d, consumers)
     dtype = (torch.bfloat16, torch.float16)[(seed // 2) % 2]
     tile_n = (64, 128, None)[seed % 3]
     nk = int(torch.randint(65, 2500, (1,), generator=g))  # these seeds draw 130-2083
@@ -282,6 +287,37 @@ def test_sm90_random_sizes(seed, pingpong, monkeypatch):
             assert (out[:, :, :128] == 0).all()
     exact = masked_attention(q, k, v, allowed)
     assert rel_l2(out.cpu(), exact) < 3e-2 and cosine(out.cpu(), exact) > 0.999
+
+
+@needs_sm90
+@pytest.mark.parametrize("nq", [1, 64, 127, 191, 192, 193, 320, 449, 1000])
+@pytest.mark.parametrize("tiles", [None, 128, 64])
+def test_sm90_three_warpgroups(nq, tiles, monkeypatch):
+    """At head_dim 64 the Hopper kernel runs 192-row CTAs of three consumer warpgroups,
+    whose 64-row slices straddle the 128-row Q scale blocks, the map's 128-row tiles (two
+    per CTA, each slice computing its own tile's blocks of the union) and the padded end:
+    query lengths around those edges, dense and with random tile maps, GQA, q_len != kv_len.
+    The two-warpgroup layout must give the same bits."""
+    monkeypatch.setitem(sm90.CONSUMERS, 64, 3)
+    q, k, v = qkv(2, 6, 2, nq, 777, 64, torch.bfloat16, nq)
+    kept = None
+    if tiles is not None:
+        g = torch.Generator().manual_seed(nq)
+        kept = torch.rand(2, 6, -(-nq // 128), -(-777 // tiles), generator=g) < 0.4
+        kept[0, 0, -1] = False  # a query tile that keeps nothing: zeros (or all, nq <= 128)
+    out = quant_attention(q, k, v, kept=kept, tile_n=tiles, kernel="sm90")
+    ref = quant_reference(q, k, v, kept=None if kept is None else kept.cuda(), tile_n=tiles or 128,
+                          block_n=tiles or 128)  # the Hopper kernel's K scale blocks
+    assert torch.isfinite(out).all()
+    assert rel_l2(out, ref) < 5e-3
+    allowed = None
+    if kept is not None:
+        allowed = kept.repeat_interleave(128, -2).repeat_interleave(tiles, -1)[..., :nq, :777]
+    exact = masked_attention(q, k, v, allowed)
+    assert rel_l2(out.cpu(), exact) < 3e-2 and cosine(out.cpu(), exact) > 0.999
+    monkeypatch.setitem(sm90.CONSUMERS, 64, 2)
+    again = quant_attention(q, k, v, kept=kept, tile_n=tiles, kernel="sm90")
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
 
 
 def masked_attention(q, k, v, allowed=None):

@@ -30,8 +30,7 @@
 
 namespace fsq {
 
-constexpr int BLOCK_M = 128;  // query rows per CTA, one Q scale
-constexpr int THREADS = 384;  // producer + two consumer warpgroups
+constexpr int BLOCK_M = 128;  // query rows per Q scale and per map tile
 constexpr int MAGIC_INT = 0x4B400000;  // float_bits(1.5 * 2**23)
 constexpr float MAGIC_FLOAT = 12582912.0f;
 
@@ -162,9 +161,16 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 
 // -- the kernel -------------------------------------------------------------------------
 
-template <int D, int BN, int STAGES>
+// NC consumer warpgroups of 64 query rows each: 2 for a map's 128-row tiles, 3 for dense
+// calls at head_dim 64 (192 rows per CTA: a third warp per scheduler to hide latency).
+template <int D, int BN, int STAGES, int NC>
 struct Layout {
-  static constexpr int Q_BYTES = BLOCK_M * D;        // int8
+  static constexpr int ROWS = 64 * NC;               // query rows per CTA
+  static constexpr int THREADS = 128 * (NC + 1);     // the producer warpgroup, then NC
+  // Registers per consumer thread after setmaxnreg (the producer keeps 24): all of one
+  // SM's 64K between them, in multiples of 8.
+  static constexpr int CONSUMER_REGS = NC == 2 ? 240 : 160;
+  static constexpr int Q_BYTES = ROWS * D;           // int8
   static constexpr int K_BYTES = BN * D;             // int8
   // 16-bit V: D / 64 panels of BN x 128 B, then a panel of ones (row sums of P).
   static constexpr int V_BYTES = BN * (D + 64) * 2;
@@ -172,16 +178,18 @@ struct Layout {
   static constexpr int K_OFF = Q_BYTES;
   static constexpr int V_OFF = K_OFF + STAGES * K_BYTES;
   static constexpr int BAR_OFF = V_OFF + STAGES * V_BYTES;
-  static constexpr int INFO_OFF = BAR_OFF + (1 + 4 * STAGES) * 8;  // per stage: block, scale
-  static constexpr int BYTES = INFO_OFF + STAGES * 8;
+  // Per stage: the key block, its K scale and which of the CTA's map tiles keep it.
+  static constexpr int INFO_OFF = BAR_OFF + (1 + 4 * STAGES) * 8;
+  static constexpr int BYTES = INFO_OFF + STAGES * 12;
   static constexpr int SWIZZLE_QK = D == 128 ? 128 : 64;  // an int8 row is D bytes
 };
 
-template <int D, int BN, int STAGES, typename T>
-__global__ void __launch_bounds__(THREADS, 1)
+template <int D, int BN, int STAGES, int NC, typename T>
+__global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
     attn_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                 const __grid_constant__ CUtensorMap tm_v, const Params p) {
-  using L = Layout<D, BN, STAGES>;
+  using L = Layout<D, BN, STAGES, NC>;
+  static_assert(NC == 2 || NC == 3, "two or three consumer warpgroups");
   extern __shared__ uint8_t smem_raw[];
   // 128-byte swizzle atoms must sit on 1024-byte boundaries.
   uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
@@ -198,8 +206,12 @@ __global__ void __launch_bounds__(THREADS, 1)
   // block of each stage and its K scale, so the consumers' loop reads no global memory.
   int* stage_block = reinterpret_cast<int*>(smem + L::INFO_OFF);
   float* stage_scale = reinterpret_cast<float*>(smem + L::INFO_OFF) + STAGES;
+  int* stage_tiles = reinterpret_cast<int*>(smem + L::INFO_OFF) + 2 * STAGES;
 
   const bool lists = p.full_num != nullptr;
+  // A 192-row CTA spans two of a map's 128-row tiles: it walks the union of their lists,
+  // whose entries carry bit 24 (the first tile keeps the block) and bit 25 (the second).
+  const bool pairs = NC == 3 && lists;
   const int tile_m = (lists && p.row_order) ? p.row_order[blockIdx.x] : blockIdx.x;
   const int bh = blockIdx.y;
   const int b = bh / p.hq, h = bh % p.hq, hk = h / p.group;
@@ -215,8 +227,8 @@ __global__ void __launch_bounds__(THREADS, 1)
     for (int s = 0; s < STAGES; ++s) {
       bar_init(full_k + s, 1);
       bar_init(full_v + s, 1);
-      bar_init(empty_k + s, 8);  // one arrival per consumer warp
-      bar_init(empty_v + s, 8);
+      bar_init(empty_k + s, 4 * NC);  // one arrival per consumer warp
+      bar_init(empty_v + s, 4 * NC);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -227,18 +239,22 @@ __global__ void __launch_bounds__(THREADS, 1)
     // Producer: one thread issues every copy, STAGES blocks ahead of the consumers.
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
     if (threadIdx.x == 0) {
-      bar_expect(full_q, L::Q_BYTES);
-      tma_3d(s_q, &tm_q, full_q, 0, tile_m * BLOCK_M, bh);
+      bar_expect(full_q, L::Q_BYTES);  // rows past the padded end arrive as zeros
+#pragma unroll
+      for (int w = 0; w < NC; ++w)
+        tma_3d(s_q + w * 64 * D, &tm_q, full_q, 0, tile_m * L::ROWS + 64 * w, bh);
       const int kv_head = b * p.hkv + hk;
       const float* k_scale = p.ks + (long long)kv_head * p.nkb;
-      int j = n_blocks > 0 ? (idx ? idx[0] : 0) : 0;
+      int entry = n_blocks > 0 ? (idx ? idx[0] : 0) : 0;
       for (int it = 0; it < n_blocks; ++it) {
         const int s = it % STAGES, parity = ((it / STAGES) & 1) ^ 1;
+        const int j = entry & 0xFFFFFF;
         const float scale = k_scale[j];
-        const int j_next = it + 1 < n_blocks ? (idx ? idx[it + 1] : it + 1) : 0;
+        const int next = it + 1 < n_blocks ? (idx ? idx[it + 1] : it + 1) : 0;
         bar_wait(empty_k + s, parity);
         stage_block[s] = j;
         stage_scale[s] = scale;
+        stage_tiles[s] = entry >> 24;
         bar_expect(full_k + s, L::K_BYTES);
         tma_3d(s_k + s * L::K_BYTES, &tm_k, full_k + s, 0, j * BN, kv_head);
         bar_wait(empty_v + s, parity);
@@ -246,16 +262,20 @@ __global__ void __launch_bounds__(THREADS, 1)
 #pragma unroll
         for (int c = 0; c < D / 64; ++c)
           tma_4d(s_v + s * L::V_BYTES + c * BN * 128, &tm_v, full_v + s, c * 64, j * BN, hk, b);
-        j = j_next;
+        entry = next;
       }
     }
     return;
   }
 
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
-  const int half = wg - 1;  // rows 64 * half .. + 63 of the tile
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(L::CONSUMER_REGS));
+  const int half = wg - 1;  // rows 64 * half .. + 63 of the CTA's
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-  const float c_q = p.qs[(long long)bh * p.nqb + tile_m];
+  const int row_base = tile_m * L::ROWS + half * 64;  // within one 128-row Q scale block
+  // Which map tile of the CTA these rows are in (pairs), as the bit of stage_tiles; none
+  // for rows past the end, which then skip every block.
+  const int my_tile = row_base >= p.nq ? 0 : 1 << (row_base / BLOCK_M - tile_m * L::ROWS / BLOCK_M);
+  const float c_q = p.qs[(long long)bh * p.nqb + min(row_base / BLOCK_M, p.nqb - 1)];
   constexpr int SBO_QK = L::SWIZZLE_QK * 8;  // 8 rows of one swizzle atom
   const uint64_t desc_q = smem_desc<L::SWIZZLE_QK>(s_q + half * 64 * D, 16, SBO_QK);
   const int col_in = 2 * (lane % 4);
@@ -267,10 +287,10 @@ __global__ void __launch_bounds__(THREADS, 1)
     const int tid = threadIdx.x - 128;
     for (int s = 0; s < STAGES; ++s) {
       uint32_t* ones = reinterpret_cast<uint32_t*>(s_v + s * L::V_BYTES + (D / 64) * BN * 128);
-      for (int i = tid; i < BN * 32; i += 256) ones[i] = one2;
+      for (int i = tid; i < BN * 32; i += 128 * NC) ones[i] = one2;
     }
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    asm volatile("bar.sync 3, 256;" ::: "memory");
+    asm volatile("bar.sync 3, %0;" ::"n"(128 * NC) : "memory");
   }
 
   constexpr int NO = D / 2 + 4;  // O, then the row sums (o[D/2], o[D/2 + 2])
@@ -392,57 +412,71 @@ __global__ void __launch_bounds__(THREADS, 1)
   // The two consumer warpgroups take turns issuing their MMAs (FlashAttention-3's
   // ping-pong), so that one's softmax runs while the other's products do.
   constexpr int PINGPONG = 1;  // named barriers 1 and 2 (0 is __syncthreads, 3 the setup)
+  const bool pingpong = NC == 2 && p.pingpong;
   auto turn_wait = [&]() {
-    if (p.pingpong) asm volatile("bar.sync %0, 256;" ::"r"(PINGPONG + half) : "memory");
+    if (pingpong) asm volatile("bar.sync %0, 256;" ::"r"(PINGPONG + half) : "memory");
   };
   auto turn_pass = [&]() {
-    if (p.pingpong) asm volatile("bar.arrive %0, 256;" ::"r"(PINGPONG + 1 - half) : "memory");
+    if (pingpong) asm volatile("bar.arrive %0, 256;" ::"r"(PINGPONG + 1 - half) : "memory");
   };
-  if (p.pingpong && half == 1) asm volatile("bar.arrive %0, 256;" ::"r"(PINGPONG) : "memory");
+  if (pingpong && half == 1) asm volatile("bar.arrive %0, 256;" ::"r"(PINGPONG) : "memory");
 
   bar_wait(full_q, 0);
-  if (n_blocks > 0) {
-    bar_wait(full_k, 0);
-    turn_wait();
-    issue_qk(0);
-    turn_pass();
-    wgmma_wait<0>();
-    softmax(0);
-    release(empty_k);
-    rescale_and_pack();
-  }
-  for (int it = 1; it < n_blocks; ++it) {
-    const int s = it % STAGES, parity = (it / STAGES) & 1;
-    const int prev = (it - 1) % STAGES, prev_parity = ((it - 1) / STAGES) & 1;
-    bar_wait(full_k + s, parity);
+  int prev = -1, prev_parity = 0;  // the stage whose P·V is still to be issued
+  auto finish_pv = [&]() {
     bar_wait(full_v + prev, prev_parity);
     turn_wait();
-    issue_qk(s);
     issue_pv(prev);
     turn_pass();
-    wgmma_wait<1>();  // the scores are in; P·V of the previous block may still run
-    softmax(s);
-    release(empty_k + s);
     wgmma_wait<0>();
     fence_regs(o);
     release(empty_v + prev);
+    prev = -1;
+  };
+  for (int it = 0; it < n_blocks; ++it) {
+    const int s = it % STAGES, parity = (it / STAGES) & 1;
+    bar_wait(full_k + s, parity);
+    if (pairs && !(stage_tiles[s] & my_tile)) {  // a block only the other tile keeps
+      release(empty_k + s);
+      // The pending P·V first: the copies wait for its V stage to be released, and
+      // this warpgroup's next product needs a block it keeps, maybe STAGES away.
+      if (prev >= 0) finish_pv();
+      // V's "empty" arrival waits for this round's copy: an earlier one could count
+      // towards the previous round, while other warps still read that V.
+      bar_wait(full_v + s, parity);
+      release(empty_v + s);
+      continue;
+    }
+    if (prev < 0) {
+      turn_wait();
+      issue_qk(s);
+      turn_pass();
+      wgmma_wait<0>();
+      softmax(s);
+      release(empty_k + s);
+    } else {
+      bar_wait(full_v + prev, prev_parity);
+      turn_wait();
+      issue_qk(s);
+      issue_pv(prev);
+      turn_pass();
+      wgmma_wait<1>();  // the scores are in; P·V of the previous block may still run
+      softmax(s);
+      release(empty_k + s);
+      wgmma_wait<0>();
+      fence_regs(o);
+      release(empty_v + prev);
+    }
     rescale_and_pack();
+    prev = s;
+    prev_parity = parity;
   }
-  if (n_blocks > 0) {
-    const int last = (n_blocks - 1) % STAGES, parity = ((n_blocks - 1) / STAGES) & 1;
-    bar_wait(full_v + last, parity);
-    turn_wait();
-    issue_pv(last);
-    turn_pass();
-    wgmma_wait<0>();
-    fence_regs(o);
-    release(empty_v + last);
-  }
+  if (prev >= 0) finish_pv();
 
   // Epilogue: O / l (0 for a row with no key), 16-bit stores.
   const float l0 = o[D / 2], l1 = o[D / 2 + 2];
   const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
-  const int row0 = tile_m * BLOCK_M + half * 64 + warp * 16 + lane / 4, row1 = row0 + 8;
+  const int row0 = row_base + warp * 16 + lane / 4, row1 = row0 + 8;
   T* out = static_cast<T*>(p.out) + b * p.sob + h * p.soh;
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) {
@@ -468,6 +502,7 @@ struct FsqArgs {
   long long v_sb, v_sh, v_sn, o_sb, o_sh, o_sn;  // elements
   long long snb, snh, sib, sih, siq;
   long long batch, hq, hkv, nq, nk, nq_pad, nk_pad, d, bn, bf16, nqb, nkb, n_dense, pingpong;
+  long long nc, n_tiles;  // consumer warpgroups (2, or 3 at D=64); CTAs per head
 };
 
 }
@@ -512,16 +547,16 @@ int make_map(CUtensorMap* map, CUtensorMapDataType type, int rank, void* addr,
   return 0;
 }
 
-template <int D, int BN, int STAGES, typename T>
+template <int D, int BN, int STAGES, int NC, typename T>
 int launch(const FsqArgs& a, const CUtensorMap& tq, const CUtensorMap& tk, const CUtensorMap& tv,
            const fsq::Params& p, char* err, int err_len) {
-  using L = fsq::Layout<D, BN, STAGES>;
-  auto kernel = fsq::attn_kernel<D, BN, STAGES, T>;
+  using L = fsq::Layout<D, BN, STAGES, NC>;
+  auto kernel = fsq::attn_kernel<D, BN, STAGES, NC, T>;
   const int smem = L::BYTES + 1024;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e == cudaSuccess) {
-    dim3 grid(static_cast<unsigned>(a.nqb), static_cast<unsigned>(a.batch * a.hq));
-    kernel<<<grid, fsq::THREADS, smem, reinterpret_cast<cudaStream_t>(a.stream)>>>(tq, tk, tv, p);
+    dim3 grid(static_cast<unsigned>(a.n_tiles), static_cast<unsigned>(a.batch * a.hq));
+    kernel<<<grid, L::THREADS, smem, reinterpret_cast<cudaStream_t>(a.stream)>>>(tq, tk, tv, p);
     e = cudaGetLastError();
   }
   if (e != cudaSuccess) {
@@ -534,8 +569,16 @@ int launch(const FsqArgs& a, const CUtensorMap& tq, const CUtensorMap& tk, const
 template <int D, int BN, typename T>
 int launch_stages(const FsqArgs& a, const CUtensorMap& tq, const CUtensorMap& tk,
                   const CUtensorMap& tv, const fsq::Params& p, char* err, int err_len) {
-  // Two stages at D=128 (112 KB), three at D=64 (80 KB).
-  return launch<D, BN, D == 128 ? 2 : 3, T>(a, tq, tk, tv, p, err, err_len);
+  // Shared memory: two stages at D=128 (144 KB), three at D=64 (128 KB, 132 KB with three
+  // consumer warpgroups, which D=128's accumulators would not fit in 160 registers).
+  if constexpr (D == 64) {
+    if (a.nc == 3) return launch<D, BN, 3, 3, T>(a, tq, tk, tv, p, err, err_len);
+  }
+  if (a.nc != 2) {
+    snprintf(err, err_len, "no sm90 kernel with %lld consumer warpgroups at head_dim %d", a.nc, D);
+    return 1;
+  }
+  return launch<D, BN, D == 128 ? 2 : 3, 2, T>(a, tq, tk, tv, p, err, err_len);
 }
 
 }  // namespace
@@ -549,7 +592,7 @@ extern "C" int fsq_attention_sm90(const FsqArgs* a, char* err, int err_len) {
     const unsigned long long dims[3] = {d, (unsigned long long)a->nq_pad,
                                         (unsigned long long)(a->batch * a->hq)};
     const unsigned long long st[2] = {d, (unsigned long long)(a->nq_pad * d)};
-    const unsigned box[3] = {d, 128, 1};
+    const unsigned box[3] = {d, 64, 1};  // one box per consumer warpgroup
     if (make_map(&tq, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, (void*)a->q, dims, st, box, sw_qk, err,
                  err_len))
       return 1;
