@@ -22,7 +22,8 @@ import dataclasses
 import functools
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -74,7 +75,8 @@ class Choice:
 
     Attributes:
         backend: the backend's name.
-        reason: why it runs the call.
+        reason: why it runs the call (worded on first read: ``attention`` builds a Choice
+            per call and only ``explain`` and the DEBUG log read it).
         sdpa_mode: ``"none" | "causal" | "mask"``: how SDPA would run the call.
         reasons: ``(name, reasons)`` for every backend in priority order; empty reasons for
             the one picked (and for those after it that could have run the call).
@@ -82,10 +84,16 @@ class Choice:
     """
 
     backend: str
-    reason: str
+    describe: str | Callable[[], str] = field(repr=False)
     sdpa_mode: str = "mask"
     reasons: tuple[tuple[str, tuple[str, ...]], ...] = ()
     notes: tuple[str, ...] = ()
+
+    @property
+    def reason(self) -> str:
+        if callable(self.describe):
+            object.__setattr__(self, "describe", self.describe())
+        return self.describe
 
     def __str__(self) -> str:
         lines = [f"{self.backend}: {self.reason}"]
@@ -241,8 +249,8 @@ def _walk(call: AttentionCall, every: bool = False) -> tuple[object, Choice]:
         # Every backend prefers another (e.g. FLEXSPARSE_COMPILE=0 on CUDA): run the first
         # that can run the call at all.
         picked = next(b for b in PRIORITY if not b.not_supported_reasons(call))
-    reason = _describe(picked, call)
-    return picked, Choice(picked.name, reason, _b.sdpa_mode(call), tuple(reasons), call.notes)
+    return picked, Choice(picked.name, lambda: _describe(picked, call), _b.sdpa_mode(call),
+                          tuple(reasons), call.notes)
 
 
 def _requested(name: str, call: AttentionCall) -> tuple[object, Choice]:
@@ -250,8 +258,8 @@ def _requested(name: str, call: AttentionCall) -> tuple[object, Choice]:
     why = backend.not_supported_reasons(call)
     if why:
         raise ValueError(f"backend={name!r} cannot run this call: {'; '.join(why)}")
-    reason = f"requested; {_describe(backend, call)}"
-    return backend, Choice(name, reason, _b.sdpa_mode(call), ((name, ()),), call.notes)
+    return backend, Choice(name, lambda: f"requested; {_describe(backend, call)}",
+                           _b.sdpa_mode(call), ((name, ()),), call.notes)
 
 
 def _split_dynamic(mask: DynamicMask) -> tuple[DynamicMask | None, Mask | None]:
@@ -388,9 +396,11 @@ def explain(
     """The backend ``attention`` would run for these arguments, why, and every backend's
     reasons against it (``str(choice)`` prints them). A ``DynamicMask`` is predicted.
     Raises ``ValueError`` when a requested backend cannot run the call."""
-    return _prepare(
+    choice = _prepare(
         q, k, v, mask, scale, backend, enable_gqa, block_size, compile, every=True
     )[1]
+    choice.reason  # noqa: B018 - worded now, so the Choice keeps no reference to the call
+    return choice
 
 
 def attention(

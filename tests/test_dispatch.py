@@ -400,3 +400,21 @@ def test_kept_prediction_runs_the_counted_call(monkeypatch):
     dense = bound.to_dense(n)[None] if bound.to_dense(n).dim() == 2 else bound.to_dense(n)
     torch.testing.assert_close(out.double(), dense_reference(q, k, v, dense), atol=1e-5,
                                rtol=0)
+
+
+def test_attention_words_its_choice_only_when_read(monkeypatch):
+    """The reason string (the backends' ``describe``) is for ``explain`` and the DEBUG log:
+    a call that reads neither does not build it."""
+    A = importlib.import_module("flexsparse.attention")
+    worded = []
+    real = A._describe
+    monkeypatch.setattr(A, "_describe", lambda b, c: worded.append(b.name) or real(b, c))
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    mask = masks.sliding_window(8)
+    out = fs.attention(q, k, v, mask=mask)
+    assert worded == []
+    choice = fs.explain(q, k, v, mask=mask)
+    assert worded == [choice.backend] and choice.reason
+    ref = torch.softmax((q @ k.transpose(-1, -2) / 4).masked_fill(
+        ~mask.to_dense(40, 40), float("-inf")), -1) @ v
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
