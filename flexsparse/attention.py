@@ -376,8 +376,9 @@ def _prepare(q, k, v, mask, scale, backend, enable_gqa, block_size, compile, eve
         # A prediction stands in for SpargeAttn, whose arithmetic is quantized, and the
         # quant kernel's dense mode outruns cuDNN (DENSE_CROSSOVER): a dropped map runs
         # there rather than on SDPA.
-        reason = f"a dropped prediction runs quantized, without its map; {_describe(QUANT, call)}"
-        return QUANT, dataclasses.replace(choice, backend=QUANT.name, reason=reason), call
+        return QUANT, dataclasses.replace(choice, backend=QUANT.name, describe=lambda: (
+            f"a dropped prediction runs quantized, without its map; {_describe(QUANT, call)}"
+        )), call
     return picked, choice, call
 
 

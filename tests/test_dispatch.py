@@ -418,3 +418,17 @@ def test_attention_words_its_choice_only_when_read(monkeypatch):
     ref = torch.softmax((q @ k.transpose(-1, -2) / 4).masked_fill(
         ~mask.to_dense(40, 40), float("-inf")), -1) @ v
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_dropped_prediction_is_worded_as_the_quant_kernels_dense_mode(monkeypatch):
+    """Where the quant kernel can run (CUDA; here its support check is stubbed on the
+    CPU), a prediction that keeps every tile is dropped to the kernel's dense mode, and the
+    Choice says so when read."""
+    A = importlib.import_module("flexsparse.attention")
+    monkeypatch.setattr(A.QUANT, "not_supported_reasons", lambda call: [])
+    monkeypatch.setattr(A.QUANT, "describe", lambda call: "quant kernel, dense", raising=False)
+    q, k, v = (torch.randn(1, 2, 256, 64) for _ in range(3))
+    choice = fs.explain(q, k, v, masks.meansim(1.5, cdfthreshd=1.0))  # keeps every tile
+    assert choice.backend == "quant" and "prediction dropped" in choice.notes[0]
+    assert choice.reason == "a dropped prediction runs quantized, without its map; quant " \
+        "kernel, dense"
