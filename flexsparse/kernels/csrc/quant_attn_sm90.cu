@@ -6,12 +6,13 @@
 // dot times the two block scales, online softmax, P rounded to V's 16-bit type, fp32
 // accumulation, zeros for a row that keeps no key.
 //
-// One CTA per 128-row query tile: a producer warpgroup (one thread issues every copy) and
-// two consumer warpgroups of 64 rows each, FlashAttention-3's division of labour. The
-// producer registers drop to 24 and the consumers' rise to 240 (setmaxnreg). K and V pass
-// through a ring of STAGES buffers, each guarded by a "full" barrier (the copy landed)
-// and an "empty" one (both consumers are done with it); K is released as soon as the
-// scores are computed, V after the P·V product.
+// A producer warpgroup (one thread issues every copy) and NC consumer warpgroups of 64 query
+// rows each, FlashAttention-3's division of labour: two per 128-row CTA (registers 24 / 240
+// after setmaxnreg), or three per 192-row CTA at head_dim 64 (24 / 160), which walk a map's
+// 128-row tiles in pairs, over the union of their lists. K and V pass through a ring of
+// STAGES buffers, each guarded by a "full" barrier (the copy landed) and an "empty" one
+// (every consumer warp is done with it); K is released as soon as the scores are computed,
+// V after the P·V product.
 //
 // What this kernel does not do (the Triton kernel does): partial tiles, the causal rule,
 // pvthreshd, FP8 P·V. The host side (sm90.py) sends only calls without them.
@@ -409,7 +410,7 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
       pk[2 * i + 1] = pack2<T>(x[4 * i + 2], x[4 * i + 3]);
     }
   };
-  // The two consumer warpgroups take turns issuing their MMAs (FlashAttention-3's
+  // Two consumer warpgroups may take turns issuing their MMAs (FlashAttention-3's
   // ping-pong), so that one's softmax runs while the other's products do.
   constexpr int PINGPONG = 1;  // named barriers 1 and 2 (0 is __syncthreads, 3 the setup)
   const bool pingpong = NC == 2 && p.pingpong;
