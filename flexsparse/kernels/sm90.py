@@ -41,8 +41,8 @@ NVCC_FLAGS = (
 MODE = os.environ.get("FLEXSPARSE_SM90", "auto")
 #: Consumer warpgroups (64 query rows each) per CTA, per head_dim: 3 at D=64 (192-row
 #: CTAs; a map's 128-row tiles are walked in pairs, ``pair_lists``), 2 at D=128, whose
-#: accumulators do not fit three. H100, dense 2x30x17776 D=64: 557-567 TOPS with 3,
-#: 503-505 with 2 (one run, 2026-11-25; docs/kernel_notes.md). Benchmarks flip it.
+#: accumulators do not fit three. H100, dense 2x30x17776 D=64: 554 TOPS with 3, 493-508
+#: with 2 (2026-11-25 late night, BENCHMARKS.md; docs/kernel_notes.md). Benchmarks flip it.
 CONSUMERS = {64: 3, 128: 2}
 #: With two consumer warpgroups: whether they take turns issuing their MMAs, per head_dim.
 #: H100, dense 2x24x17776 D=128: 757 TOPS with, 740 without; 2x30x17776 D=64: 491 with,

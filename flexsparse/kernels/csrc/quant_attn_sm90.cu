@@ -162,8 +162,9 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 
 // -- the kernel -------------------------------------------------------------------------
 
-// NC consumer warpgroups of 64 query rows each: 2 for a map's 128-row tiles, 3 for dense
-// calls at head_dim 64 (192 rows per CTA: a third warp per scheduler to hide latency).
+// NC consumer warpgroups of 64 query rows each: 2 (128 rows per CTA), or 3 at head_dim 64
+// (192 rows: a third warp per scheduler to hide latency; a map's tiles are then walked in
+// pairs).
 template <int D, int BN, int STAGES, int NC>
 struct Layout {
   static constexpr int ROWS = 64 * NC;               // query rows per CTA
