@@ -32,6 +32,7 @@ import os
 import statistics
 import sys
 import time
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -92,25 +93,9 @@ def skipped(bm) -> float:
     return 1 - kept / total
 
 
-def with_setting(fn, owner, name, value):
-    """``fn`` run with ``owner[name]`` (a dict) or ``owner.name`` set to ``value``."""
-    get = owner.get if isinstance(owner, dict) else lambda n: getattr(owner, n)
-    put = owner.__setitem__ if isinstance(owner, dict) else lambda n, x: setattr(owner, n, x)
-
-    def run():
-        old = get(name)
-        put(name, value)
-        try:
-            return fn()
-        finally:
-            put(name, old)
-
-    return run
-
-
 def triton_only(fn):
     """``fn`` with the Hopper kernel switched off: the quant backend runs Triton's."""
-    return with_setting(fn, sm90, "MODE", "off")
+    return mock.patch.object(sm90, "MODE", "off")(fn)
 
 
 def run_case(name, q, k, v, mask, reps, rows, rounds=1, error_mask="same"):
@@ -158,8 +143,8 @@ def run_case(name, q, k, v, mask, reps, rows, rounds=1, error_mask="same"):
             if "Hopper" in fs.explain(q, k, v, mask, backend="quant").reason and (
                 sm90.CONSUMERS.get(q.shape[-1]) == 3
             ):  # the previous layout of the Hopper kernel, same run
-                two = with_setting(lambda: fs.attention(q, k, v, mask, backend="quant"),
-                                   sm90.CONSUMERS, q.shape[-1], 2)
+                two = mock.patch.dict(sm90.CONSUMERS, {q.shape[-1]: 2})(
+                    lambda: fs.attention(q, k, v, mask, backend="quant"))
                 entries.append(("quant (sm90, 2 warpgroups)", two, two, "", True))
     except ValueError as exc:
         quant_na = f"n/a: {str(exc)[:80]}"

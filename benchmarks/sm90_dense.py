@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -40,16 +41,14 @@ def time_shape(b: int, h: int, n: int, d: int, reps: int) -> dict:
     }
     kernels.update({name: lambda: quant_attention(q, k, v, kernel="sm90") for name in LAYOUTS})
     row = {"shape": f"B={b} H={h} N={n} D={d}"}
-    default = sm90.CONSUMERS[d], sm90.PINGPONG[d]
-    try:
-        for name, fn in kernels.items():
-            sm90.CONSUMERS[d], sm90.PINGPONG[d] = LAYOUTS.get(name, default)
-            if sm90.CONSUMERS[d] == 3 and d != 64:
-                continue  # three consumer warpgroups exist at head_dim 64 only
+    for name, fn in kernels.items():
+        consumers, pingpong = LAYOUTS.get(name, (sm90.CONSUMERS[d], sm90.PINGPONG[d]))
+        if consumers == 3 and d != 64:
+            continue  # three consumer warpgroups exist at head_dim 64 only
+        with mock.patch.dict(sm90.CONSUMERS, {d: consumers}), \
+                mock.patch.dict(sm90.PINGPONG, {d: pingpong}):
             ms = queued_ms(fn, warmup=3, reps=reps)
-            row[f"{name} ms"], row[f"{name} TOPS"] = ms, ops / ms / 1e9
-    finally:
-        sm90.CONSUMERS[d], sm90.PINGPONG[d] = default
+        row[f"{name} ms"], row[f"{name} TOPS"] = ms, ops / ms / 1e9
     return row
 
 

@@ -276,7 +276,8 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
   const int row_base = tile_m * L::ROWS + half * 64;  // within one 128-row Q scale block
   // Which map tile of the CTA these rows are in (pairs), as the bit of stage_tiles; none
   // for rows past the end, which then skip every block.
-  const int my_tile = row_base >= p.nq ? 0 : 1 << (row_base / BLOCK_M - tile_m * L::ROWS / BLOCK_M);
+  const int my_tile =
+      row_base >= p.nq ? 0 : 1 << (row_base / BLOCK_M - tile_m * L::ROWS / BLOCK_M);
   const float c_q = p.qs[(long long)bh * p.nqb + min(row_base / BLOCK_M, p.nqb - 1)];
   constexpr int SBO_QK = L::SWIZZLE_QK * 8;  // 8 rows of one swizzle atom
   const uint64_t desc_q = smem_desc<L::SWIZZLE_QK>(s_q + half * 64 * D, 16, SBO_QK);
