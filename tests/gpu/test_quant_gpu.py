@@ -320,6 +320,41 @@ def test_sm90_three_warpgroups(nq, tiles, monkeypatch):
     torch.testing.assert_close(again, out, rtol=0, atol=0)
 
 
+@needs_sm90
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("jump", [0.0, 24.0])
+def test_sm90_rising_maxima(d, dtype, jump, monkeypatch):
+    """Scores that rise along the keys, by ~7 log2 units per 128-key block, so that each
+    block's maximum lands within the kernel's rescale slack (P above 1, up to 2^8, with
+    O not rescaled) and every few blocks past it (O rescaled); ``jump`` adds a rise of
+    ~35 log2 units halfway, far past the slack. Dense and on a tile map, in each layout."""
+    g = torch.Generator(device="cuda").manual_seed(7)
+    nq, nk = 300, 1100
+    # q ~ 1 per channel, k ~ rise / sqrt(d): scores of rise * log2(e) in log2 units
+    rise = torch.linspace(0, 42, nk, device="cuda")
+    rise[nk // 2:] += jump
+    q = 1 + 0.1 * torch.randn(1, 4, nq, d, device="cuda", generator=g)
+    k = rise[:, None] / d**0.5 + 0.3 * torch.randn(1, 2, nk, d, device="cuda", generator=g)
+    v = torch.randn(1, 2, nk, d, device="cuda", generator=g)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    kept = torch.rand(1, 4, 3, 9, generator=torch.Generator().manual_seed(1)) < 0.7
+    kept[..., -1] = True
+    for nc, pp in ((2, True), (2, False)) + (((3, False),) if d == 64 else ()):
+        monkeypatch.setitem(sm90.CONSUMERS, d, nc)
+        monkeypatch.setitem(sm90.PINGPONG, d, pp)
+        for tiles in (None, kept):
+            out = quant_attention(q, k, v, kept=tiles, kernel="sm90")
+            ref = quant_reference(q, k, v, kept=None if tiles is None else tiles.cuda(),
+                                  block_n=128)
+            assert torch.isfinite(out).all()
+            assert rel_l2(out, ref) < 5e-3, (nc, pp, tiles is None)
+            allowed = None if tiles is None else (
+                tiles.repeat_interleave(128, -2).repeat_interleave(128, -1)[..., :nq, :nk])
+            exact = masked_attention(q, k, v, allowed)
+            assert rel_l2(out.cpu(), exact) < 3e-2 and cosine(out.cpu(), exact) > 0.999
+
+
 def masked_attention(q, k, v, allowed=None):
     """float64 softmax attention on the CPU, keeping the ``allowed`` pairs (zeros for a
     row that keeps none)."""

@@ -34,6 +34,8 @@ namespace fsq {
 constexpr int BLOCK_M = 128;  // query rows per Q scale and per map tile
 constexpr int MAGIC_INT = 0x4B400000;  // float_bits(1.5 * 2**23)
 constexpr float MAGIC_FLOAT = 12582912.0f;
+// How far (log2 units) a row's maximum may rise before O is rescaled: P <= 2^8.
+constexpr float RESCALE_SLACK = 8.0f;
 
 struct Params {
   const float* qs;        // [B, Hq, NQB]
@@ -94,6 +96,19 @@ __device__ __forceinline__ void tma_4d(void* dst, const CUtensorMap* map, uint64
       : "memory");
 }
 
+// Position in the STAGES-deep ring of K / V buffers: the stage, and the phase parity its
+// barriers are at (flips each time the ring wraps).
+template <int STAGES>
+struct Ring {
+  int stage = 0, parity = 0;
+  __device__ __forceinline__ void advance() {
+    if (++stage == STAGES) {
+      stage = 0;
+      parity ^= 1;
+    }
+  }
+};
+
 // -- wgmma plumbing ---------------------------------------------------------------------
 
 // Shared-memory matrix descriptor: start address, leading / stride byte offsets (16-byte
@@ -106,6 +121,13 @@ __device__ __forceinline__ uint64_t smem_desc(const void* p, uint32_t lbo, uint3
   d |= uint64_t((sbo & 0x3FFFF) >> 4) << 32;
   d |= uint64_t(SWIZZLE == 128 ? 1 : 2) << 62;
   return d;
+}
+
+// Steps along a tile move only the start address, the low 14 bits: adding the step to the
+// low word alone (shared memory ends below 256 KB, so no carry can leave it) spares the
+// 64-bit add with carry and its register moves that each product's descriptor costs otherwise.
+__device__ __forceinline__ uint64_t desc_step(uint64_t desc, uint32_t step) {
+  return (desc & 0xFFFFFFFF00000000ull) | static_cast<uint32_t>(static_cast<uint32_t>(desc) + step);
 }
 
 __device__ __forceinline__ void wgmma_fence() {
@@ -162,6 +184,15 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 
 // -- the kernel -------------------------------------------------------------------------
 
+// What the producer tells the consumers about a stage, in one 16-byte shared-memory word: the
+// key block, its K scale, and which of the CTA's map tiles keep it (bits 0 and 1, pairs).
+struct alignas(16) StageInfo {
+  int block;
+  float scale;
+  int tiles;
+  int pad;
+};
+
 // NC consumer warpgroups of 64 query rows each: 2 (128 rows per CTA), or 3 at head_dim 64
 // (192 rows: a third warp per scheduler to hide latency; a map's tiles are then walked in
 // pairs).
@@ -181,8 +212,8 @@ struct Layout {
   static constexpr int V_OFF = K_OFF + STAGES * K_BYTES;
   static constexpr int BAR_OFF = V_OFF + STAGES * V_BYTES;
   // Per stage: the key block, its K scale and which of the CTA's map tiles keep it.
-  static constexpr int INFO_OFF = BAR_OFF + (1 + 4 * STAGES) * 8;
-  static constexpr int BYTES = INFO_OFF + STAGES * 12;
+  static constexpr int INFO_OFF = (BAR_OFF + (1 + 4 * STAGES) * 8 + 15) / 16 * 16;
+  static constexpr int BYTES = INFO_OFF + STAGES * 16;
   static constexpr int SWIZZLE_QK = D == 128 ? 128 : 64;  // an int8 row is D bytes
 };
 
@@ -206,9 +237,7 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
   uint64_t* empty_v = empty_k + STAGES;
   // Written by the producer before it arms full_k (whose arrival releases them): the key
   // block of each stage and its K scale, so the consumers' loop reads no global memory.
-  int* stage_block = reinterpret_cast<int*>(smem + L::INFO_OFF);
-  float* stage_scale = reinterpret_cast<float*>(smem + L::INFO_OFF) + STAGES;
-  int* stage_tiles = reinterpret_cast<int*>(smem + L::INFO_OFF) + 2 * STAGES;
+  StageInfo* stage_info = reinterpret_cast<StageInfo*>(smem + L::INFO_OFF);
 
   const bool lists = p.full_num != nullptr;
   // A 192-row CTA spans two of a map's 128-row tiles: it walks the union of their lists,
@@ -248,15 +277,15 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
       const int kv_head = b * p.hkv + hk;
       const float* k_scale = p.ks + (long long)kv_head * p.nkb;
       int entry = n_blocks > 0 ? (idx ? idx[0] : 0) : 0;
-      for (int it = 0; it < n_blocks; ++it) {
-        const int s = it % STAGES, parity = ((it / STAGES) & 1) ^ 1;
+      Ring<STAGES> ring;
+      for (int it = 0; it < n_blocks; ++it, ring.advance()) {
+        // The "empty" barriers start a phase ahead: the first round waits on none.
+        const int s = ring.stage, parity = ring.parity ^ 1;
         const int j = entry & 0xFFFFFF;
         const float scale = k_scale[j];
         const int next = it + 1 < n_blocks ? (idx ? idx[it + 1] : it + 1) : 0;
         bar_wait(empty_k + s, parity);
-        stage_block[s] = j;
-        stage_scale[s] = scale;
-        stage_tiles[s] = entry >> 24;
+        stage_info[s] = StageInfo{j, scale, entry >> 24, 0};
         bar_expect(full_k + s, L::K_BYTES);
         tma_3d(s_k + s * L::K_BYTES, &tm_k, full_k + s, 0, j * BN, kv_head);
         bar_wait(empty_v + s, parity);
@@ -274,7 +303,7 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
   const int half = wg - 1;  // rows 64 * half .. + 63 of the CTA's
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const int row_base = tile_m * L::ROWS + half * 64;  // within one 128-row Q scale block
-  // Which map tile of the CTA these rows are in (pairs), as the bit of stage_tiles; none
+  // Which map tile of the CTA these rows are in (pairs), as the bit of StageInfo::tiles; none
   // for rows past the end, which then skip every block.
   const int my_tile =
       row_base >= p.nq ? 0 : 1 << (row_base / BLOCK_M - tile_m * L::ROWS / BLOCK_M);
@@ -306,14 +335,16 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
   float x[BN / 2];      // probabilities of the block being softmaxed
   uint32_t pk[BN / 4];  // P of the block whose P·V is in flight, 16-bit pairs
   float m0 = -INFINITY, m1 = -INFINITY;
-  float alpha0 = 1.f, alpha1 = 1.f;
+  float log_alpha0 = 0.f, log_alpha1 = 0.f;  // log2 of the factors O is rescaled by
+  bool rescale = false;                       // whether any row of the warp's moved
 
   auto issue_qk = [&](int s) {
     const uint64_t desc_k = smem_desc<L::SWIZZLE_QK>(s_k + s * L::K_BYTES, 16, SBO_QK);
     fence_regs(sc);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < D / 32; ++kk) mma_qk<BN>(sc, desc_q + 2 * kk, desc_k + 2 * kk, kk > 0);
+    for (int kk = 0; kk < D / 32; ++kk)
+      mma_qk<BN>(sc, desc_step(desc_q, 2 * kk), desc_step(desc_k, 2 * kk), kk > 0);
     wgmma_commit();
   };
   auto issue_pv = [&](int s) {
@@ -325,7 +356,7 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
 #pragma unroll
     for (int t = 0; t < BN / 16; ++t) {
       const uint32_t a[4] = {pk[4 * t], pk[4 * t + 1], pk[4 * t + 2], pk[4 * t + 3]};
-      mma_pv<T, D>(o, a, desc_v + (t * 2048 >> 4));
+      mma_pv<T, D>(o, a, desc_step(desc_v, t * 2048 >> 4));
     }
     wgmma_commit();
   };
@@ -333,13 +364,12 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
     __syncwarp();
     if (lane == 0) bar_arrive(bar);
   };
-  // Online softmax of the block in stage s on the biased scores MAGIC + s (exact; the
-  // integer maximum first), log2 units: x holds the probabilities afterwards, alpha the
-  // factors for O.
-  auto softmax = [&](int s) {
+  // Online softmax of key block j (K scale k_scale) on the biased scores MAGIC + s (exact;
+  // the integer maximum first), log2 units: x holds the probabilities afterwards,
+  // rescale / log_alpha what O is to be multiplied by.
+  auto softmax = [&](int j, float k_scale) {
     fence_regs(sc);
-    const int j = stage_block[s];
-    const float c = c_q * stage_scale[s];
+    const float c = c_q * k_scale;
     const bool ragged = (j + 1) * BN > p.nk;
     if (ragged) {  // the last block: columns past the keys drop out of the maximum
 #pragma unroll
@@ -367,12 +397,19 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
     mi0 = max(mi0, __shfl_xor_sync(0xffffffff, mi0, 2));
     mi1 = max(mi1, __shfl_xor_sync(0xffffffff, mi1, 1));
     mi1 = max(mi1, __shfl_xor_sync(0xffffffff, mi1, 2));
-    const float new0 = fmaxf(m0, mi0 == INT_MIN ? -INFINITY : float(mi0) * c);
-    const float new1 = fmaxf(m1, mi1 == INT_MIN ? -INFINITY : float(mi1) * c);
+    // A row's running maximum moves only when the block's exceeds it by more than
+    // RESCALE_SLACK (FlashAttention-4's conditional rescaling): P then stays below
+    // 2^RESCALE_SLACK, which 16-bit P and the fp32 accumulators hold as precisely, and O
+    // is rescaled a few times per row instead of whenever a maximum creeps up.
+    const float blk0 = mi0 == INT_MIN ? -INFINITY : float(mi0) * c;
+    const float blk1 = mi1 == INT_MIN ? -INFINITY : float(mi1) * c;
+    const float new0 = blk0 > m0 + RESCALE_SLACK ? blk0 : m0;
+    const float new1 = blk1 > m1 + RESCALE_SLACK ? blk1 : m1;
     const float safe0 = new0 == -INFINITY ? 0.f : new0;
     const float safe1 = new1 == -INFINITY ? 0.f : new1;
-    alpha0 = exp2f(m0 - safe0);
-    alpha1 = exp2f(m1 - safe1);
+    rescale = __any_sync(0xffffffff, new0 != m0 || new1 != m1);
+    log_alpha0 = m0 - safe0;  // -inf on a row's first keys: O is still 0
+    log_alpha1 = m1 - safe1;
     m0 = new0;
     m1 = new1;
     const float bias0 = MAGIC_FLOAT * c + safe0, bias1 = MAGIC_FLOAT * c + safe1;
@@ -392,12 +429,12 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
       }
     }
   };
-  // After the previous P·V is done: O *= alpha (skipped by a warp whose rows all kept
-  // their maximum, the common case after the first blocks), this block's P packed into
-  // the A fragments.
+  // After the previous P·V is done: O *= alpha (only in a warp where some row's maximum
+  // moved, rare after the first blocks), this block's P packed into the A fragments.
   auto rescale_and_pack = [&]() {
     fence_regs(o);
-    if (__any_sync(0xffffffff, alpha0 != 1.f || alpha1 != 1.f)) {
+    if (rescale) {
+      const float alpha0 = exp2f(log_alpha0), alpha1 = exp2f(log_alpha1);
 #pragma unroll
       for (int i = 0; i < NO / 4; ++i) {
         o[4 * i] *= alpha0;
@@ -436,10 +473,11 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
     release(empty_v + prev);
     prev = -1;
   };
-  for (int it = 0; it < n_blocks; ++it) {
-    const int s = it % STAGES, parity = (it / STAGES) & 1;
+  Ring<STAGES> ring;
+  for (int it = 0; it < n_blocks; ++it, ring.advance()) {
+    const int s = ring.stage, parity = ring.parity;
     bar_wait(full_k + s, parity);
-    if (pairs && !(stage_tiles[s] & my_tile)) {  // a block only the other tile keeps
+    if (pairs && !(stage_info[s].tiles & my_tile)) {  // a block only the other tile keeps
       release(empty_k + s);
       // The pending P·V first: the copies wait for its V stage to be released, and
       // this warpgroup's next product needs a block it keeps, maybe STAGES away.
@@ -450,12 +488,14 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
       release(empty_v + s);
       continue;
     }
+    StageInfo info;  // read while the products run: its latency hides under them
     if (prev < 0) {
       turn_wait();
       issue_qk(s);
       turn_pass();
+      info = stage_info[s];
       wgmma_wait<0>();
-      softmax(s);
+      softmax(info.block, info.scale);
       release(empty_k + s);
     } else {
       bar_wait(full_v + prev, prev_parity);
@@ -463,8 +503,9 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
       issue_qk(s);
       issue_pv(prev);
       turn_pass();
+      info = stage_info[s];
       wgmma_wait<1>();  // the scores are in; P·V of the previous block may still run
-      softmax(s);
+      softmax(info.block, info.scale);
       release(empty_k + s);
       wgmma_wait<0>();
       fence_regs(o);
