@@ -40,7 +40,7 @@ NVCC_FLAGS = (
 #: to time the Triton kernel in the same run).
 MODE = os.environ.get("FLEXSPARSE_SM90", "auto")
 #: Consumer warpgroups (64 query rows each) per CTA, per head_dim: 3 at D=64 (192-row
-#: CTAs; a map's 128-row tiles are walked in pairs, ``pair_lists``), 2 at D=128, whose
+#: work items; a map's 128-row tiles are walked in pairs, ``pair_lists``), 2 at D=128, whose
 #: accumulators do not fit three. H100, dense 2x30x17776 D=64: 554 TOPS with 3, 493-508
 #: with 2 (2026-11-25 late night, BENCHMARKS.md; docs/kernel_notes.md). Benchmarks flip it.
 CONSUMERS = {64: 3, 128: 2}
@@ -92,7 +92,7 @@ class _Args(ctypes.Structure):
         for name in ("v_sb", "v_sh", "v_sn", "o_sb", "o_sh", "o_sn", "snb", "snh", "sib", "sih",
                      "siq", "batch", "hq", "hkv", "nq", "nk", "nq_pad", "nk_pad", "d", "bn",
                      "bf16", "nqb", "nkb", "n_dense", "pingpong", "nc", "n_tiles")
-    ]
+    ] + [("work", ctypes.c_ulonglong)]
 
 
 def build(nvcc: str, root: Path | None = None, extra_flags: tuple[str, ...] = ()) -> Path:
@@ -178,17 +178,19 @@ def device_reasons(q: Tensor, v: Tensor) -> list[str]:
 
 def pair_lists(full_num: Tensor, full_idx: Tensor, nkb: int, n_ctas: int,
                rows: int = 192) -> tuple[Tensor, Tensor]:
-    """The key blocks a ``rows``-row CTA walks when its rows span two 128-row map tiles.
+    """The key blocks a ``rows``-row work item walks when its rows span two 128-row map
+    tiles.
 
-    CTA ``c`` holds query rows ``[rows * c, rows * c + rows)``, the tiles ``t0 = rows * c //
-    128`` and ``t1`` (the tile of its last row, at most the last tile). It walks the union
+    Item (query tile) ``c`` of a head holds query rows ``[rows * c, rows * c + rows)``,
+    the tiles ``t0 = rows * c // 128`` and ``t1`` (the tile of its last row, at most the
+    last tile). It walks the union
     of their lists in increasing key order; each entry is the key block plus bit 24 when
     ``t0`` keeps it and bit 25 when ``t1`` does, so each consumer warpgroup computes only
     its own tile's blocks.
 
     Args:
         full_num: int32 ``[Bm, Hm, Qb]``; full_idx: int32 ``[Bm, Hm, Qb, W]`` (tile lists).
-        nkb: key blocks in the sequence; n_ctas: CTAs per head.
+        nkb: key blocks in the sequence; n_ctas: work items (query tiles) per head.
 
     Returns:
         ``(num [Bm, Hm, n_ctas], idx [Bm, Hm, n_ctas, nkb])``, int32 and contiguous.
@@ -232,8 +234,8 @@ def attention(
         out: ``[B, Hq, Nq, D]`` in v's dtype, last dim contiguous.
         block_n: key rows per step: the tile width of ``lists``, else 128.
         lists: ``quant.TileLists`` without partial tiles, or None for dense.
-        order: whether the CTAs take a map's query tiles (or tile pairs) by decreasing
-            work (``quant.row_order``) rather than in index order.
+        order: whether the persistent CTAs take a map's query tiles (or tile pairs) by
+            decreasing work (``quant.row_order``) rather than in index order.
     """
     lib, err = _library()
     if lib is None:
@@ -272,6 +274,10 @@ def attention(
     a.nqb, a.nkb = qs.shape[2], ks.shape[2]
     a.n_dense = -(-a.nk // block_n)
     a.pingpong = nc == 2 and PINGPONG[d]
+    # The persistent grid hands out work items from this counter (zero at launch; one per
+    # call, so that calls on different streams never share one).
+    work = torch.zeros(1, dtype=torch.int32, device=qi.device)
+    a.work = work.data_ptr()
     err_buf = ctypes.create_string_buffer(512)
     with torch.cuda.device(qi.device):
         if lib.fsq_attention_sm90(ctypes.byref(a), err_buf, len(err_buf)):

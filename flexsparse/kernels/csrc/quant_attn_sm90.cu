@@ -6,13 +6,15 @@
 // dot times the two block scales, online softmax, P rounded to V's 16-bit type, fp32
 // accumulation, zeros for a row that keeps no key.
 //
-// A producer warpgroup (one thread issues every copy) and NC consumer warpgroups of 64 query
-// rows each, FlashAttention-3's division of labour: two per 128-row CTA (registers 24 / 240
-// after setmaxnreg), or three per 192-row CTA at head_dim 64 (24 / 160), which walk a map's
-// 128-row tiles in pairs, over the union of their lists. K and V pass through a ring of
-// STAGES buffers, each guarded by a "full" barrier (the copy landed) and an "empty" one
-// (every consumer warp is done with it); K is released as soon as the scores are computed,
-// V after the P·V product.
+// A producer warpgroup and NC consumer warpgroups of 64 query rows each, FlashAttention-3's
+// division of labour: two per 128-row work item (registers 32 / 232 after setmaxnreg), or
+// three per 192-row item at head_dim 64 (32 / 160), which walk a map's 128-row tiles in
+// pairs, over the union of their lists. The grid is persistent (one CTA per multiprocessor):
+// one producer thread hands out work items from a counter, each with its Q (two Q slots),
+// another copies K and V through a ring of STAGES buffers that runs on from item to item,
+// each stage guarded by a "full" barrier (the copy landed) and an "empty" one (every
+// consumer warp is done with it); K is released as soon as the scores are computed, V after
+// the P·V product.
 //
 // What this kernel does not do (the Triton kernel does): partial tiles, the causal rule,
 // pvthreshd, FP8 P·V. The host side (sm90.py) sends only calls without them.
@@ -25,6 +27,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "wgmma.cuh"
@@ -47,6 +50,8 @@ struct Params {
   long long sob, soh, son;
   long long snb, snh, sib, sih, siq;
   int hq, group, hkv, nq, nk, nqb, nkb, n_dense, pingpong;
+  int n_tiles, n_items;  // CTA-sized query tiles per head; work items (tiles x heads)
+  int* work;             // the next work item to hand out, 0 at launch
 };
 
 // -- shared memory, barriers, copies --------------------------------------------------
@@ -59,9 +64,8 @@ __device__ __forceinline__ void bar_init(uint64_t* bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));
 }
 
-__device__ __forceinline__ void bar_expect(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)),
-               "r"(bytes)
+__device__ __forceinline__ void bar_expect(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
                : "memory");
 }
 
@@ -69,30 +73,35 @@ __device__ __forceinline__ void bar_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
 }
 
-__device__ __forceinline__ void bar_wait(uint64_t* bar, int parity) {
+__device__ __forceinline__ void bar_wait(uint32_t bar, int parity) {
   asm volatile(
       "{\n.reg .pred done;\nWAIT_%=:\n"
       "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT_%=;\n}\n" ::"r"(smem_addr(bar)),
+      "@!done bra WAIT_%=;\n}\n" ::"r"(bar),
       "r"(parity)
       : "memory");
 }
+__device__ __forceinline__ void bar_wait(uint64_t* bar, int parity) {
+  bar_wait(smem_addr(bar), parity);
+}
 
-__device__ __forceinline__ void tma_3d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0,
+// The copies take shared-memory addresses (32 bits): the producer, at 32 registers, holds
+// no 64-bit generic pointers.
+__device__ __forceinline__ void tma_3d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0,
                                        int c1, int c2) {
   asm volatile(
       "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-      " [%0], [%1, {%3, %4, %5}], [%2];" ::"r"(smem_addr(dst)),
-      "l"(map), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2)
+      " [%0], [%1, {%3, %4, %5}], [%2];" ::"r"(dst),
+      "l"(map), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
       : "memory");
 }
 
-__device__ __forceinline__ void tma_4d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0,
+__device__ __forceinline__ void tma_4d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0,
                                        int c1, int c2, int c3) {
   asm volatile(
       "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-      " [%0], [%1, {%3, %4, %5, %6}], [%2];" ::"r"(smem_addr(dst)),
-      "l"(map), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      " [%0], [%1, {%3, %4, %5, %6}], [%2];" ::"r"(dst),
+      "l"(map), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
       : "memory");
 }
 
@@ -193,6 +202,15 @@ struct alignas(16) StageInfo {
   int pad;
 };
 
+// A work item as the producer hands it out with its Q: the query tile (of ROWS rows), the
+// (batch, head) and the head's K / V head, how many key blocks it walks (-1: no more
+// items), and the Q scale of each consumer warpgroup's rows. The divisions are done once,
+// by the thread that hands items out.
+struct alignas(16) ItemInfo {
+  int tile_m, bh, b, hk, n_blocks;
+  float c_q[3];
+};
+
 // NC consumer warpgroups of 64 query rows each: 2 (128 rows per CTA), or 3 at head_dim 64
 // (192 rows: a third warp per scheduler to hide latency; a map's tiles are then walked in
 // pairs).
@@ -200,20 +218,30 @@ template <int D, int BN, int STAGES, int NC>
 struct Layout {
   static constexpr int ROWS = 64 * NC;               // query rows per CTA
   static constexpr int THREADS = 128 * (NC + 1);     // the producer warpgroup, then NC
-  // Registers per consumer thread after setmaxnreg (the producer keeps 24): all of one
-  // SM's 64K between them, in multiples of 8.
-  static constexpr int CONSUMER_REGS = NC == 2 ? 240 : 160;
-  static constexpr int Q_BYTES = ROWS * D;           // int8
+  // Registers per thread after setmaxnreg, in multiples of 8: the producer's 32 hold its
+  // loops without spilling; the consumers take the rest of what the CTA launched with
+  // (64K / THREADS rounded down to 8 each). Asking for more than that makes setmaxnreg.inc
+  // wait forever (seen on the GPU: 240 with two consumer warpgroups hung).
+  static constexpr int PRODUCER_REGS = 32;
+  static constexpr int CONSUMER_REGS = NC == 2 ? 232 : 160;
+  static constexpr int LAUNCH_REGS = 65536 / THREADS / 8 * 8;
+  static_assert(128 * PRODUCER_REGS + 128 * NC * CONSUMER_REGS <= LAUNCH_REGS * THREADS,
+                "the warpgroups' registers exceed what the CTA launches with");
+  static constexpr int Q_BYTES = ROWS * D;           // int8, per slot (two: the next item's
+                                                     // Q lands while this one runs)
   static constexpr int K_BYTES = BN * D;             // int8
   // 16-bit V: D / 64 panels of BN x 128 B, then a panel of ones (row sums of P).
   static constexpr int V_BYTES = BN * (D + 64) * 2;
   static constexpr int V_COPY_BYTES = BN * D * 2;  // what the copies bring per stage
-  static constexpr int K_OFF = Q_BYTES;
+  static constexpr int K_OFF = 2 * Q_BYTES;
   static constexpr int V_OFF = K_OFF + STAGES * K_BYTES;
   static constexpr int BAR_OFF = V_OFF + STAGES * V_BYTES;
-  // Per stage: the key block, its K scale and which of the CTA's map tiles keep it.
-  static constexpr int INFO_OFF = (BAR_OFF + (1 + 4 * STAGES) * 8 + 15) / 16 * 16;
-  static constexpr int BYTES = INFO_OFF + STAGES * 16;
+  static constexpr int N_BARS = 4 + 4 * STAGES;  // Q full / empty per slot, K and V rings
+  // Per stage: the key block, its K scale and which of the CTA's map tiles keep it; then
+  // the two Q slots' work items.
+  static constexpr int INFO_OFF = (BAR_OFF + N_BARS * 8 + 15) / 16 * 16;
+  static constexpr int ITEM_OFF = INFO_OFF + STAGES * int(sizeof(StageInfo));
+  static constexpr int BYTES = ITEM_OFF + 2 * int(sizeof(ItemInfo));
   static constexpr int SWIZZLE_QK = D == 128 ? 128 : 64;  // an int8 row is D bytes
 };
 
@@ -230,31 +258,38 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
   uint8_t* s_k = smem + L::K_OFF;
   uint8_t* s_v = smem + L::V_OFF;
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem + L::BAR_OFF);
-  uint64_t* full_q = bars;
-  uint64_t* full_k = bars + 1;
+  uint64_t* full_q = bars;  // two slots, then empty_q's two
+  uint64_t* empty_q = bars + 2;
+  uint64_t* full_k = bars + 4;
   uint64_t* full_v = full_k + STAGES;
   uint64_t* empty_k = full_v + STAGES;
   uint64_t* empty_v = empty_k + STAGES;
   // Written by the producer before it arms full_k (whose arrival releases them): the key
   // block of each stage and its K scale, so the consumers' loop reads no global memory.
   StageInfo* stage_info = reinterpret_cast<StageInfo*>(smem + L::INFO_OFF);
+  ItemInfo* item_info = reinterpret_cast<ItemInfo*>(smem + L::ITEM_OFF);
 
   const bool lists = p.full_num != nullptr;
   // A 192-row CTA spans two of a map's 128-row tiles: it walks the union of their lists,
   // whose entries carry bit 24 (the first tile keeps the block) and bit 25 (the second).
   const bool pairs = NC == 3 && lists;
-  const int tile_m = (lists && p.row_order) ? p.row_order[blockIdx.x] : blockIdx.x;
-  const int bh = blockIdx.y;
-  const int b = bh / p.hq, h = bh % p.hq, hk = h / p.group;
-  int n_blocks = p.n_dense;
-  const int* idx = nullptr;
-  if (lists) {
-    n_blocks = p.full_num[b * p.snb + h * p.snh + tile_m];
-    idx = p.full_idx + b * p.sib + h * p.sih + tile_m * p.siq;
-  }
+
+  // The grid is persistent: each CTA takes work items (a query tile of ROWS rows of one
+  // (batch, head); tiles fastest, in row_order when given) until none is left, so that the
+  // next item's copies overlap this one's last blocks and stores, and no CTA pays a launch
+  // and a pipeline fill per tile. Its first item is its index, the later ones come from a
+  // counter (dynamic: maps give items of different lengths).
+  auto item_at = [&](int w, int& tile_m, int& bh) {
+    const int x = w % p.n_tiles;
+    bh = w / p.n_tiles;
+    tile_m = (lists && p.row_order) ? p.row_order[x] : x;
+  };
 
   if (threadIdx.x == 0) {
-    bar_init(full_q, 1);
+    for (int s = 0; s < 2; ++s) {
+      bar_init(full_q + s, 1);
+      bar_init(empty_q + s, 4 * NC);  // one arrival per consumer warp
+    }
     for (int s = 0; s < STAGES; ++s) {
       bar_init(full_k + s, 1);
       bar_init(full_v + s, 1);
@@ -268,49 +303,92 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
     // Producer: one thread issues every copy, STAGES blocks ahead of the consumers.
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
-    if (threadIdx.x == 0) {
-      bar_expect(full_q, L::Q_BYTES);  // rows past the padded end arrive as zeros
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(L::PRODUCER_REGS));
+    // Two threads of it, each in 32 registers: one hands out work items (each with its Q),
+    // one copies K and V through the ring, STAGES blocks ahead of the consumers.
+    if (threadIdx.x == 32) {
+      const uint32_t sq = smem_addr(s_q), fq = smem_addr(full_q), eq = smem_addr(empty_q);
+      Ring<2> q_ring;
+      for (int w = blockIdx.x;; q_ring.advance()) {
+        const int slot = q_ring.stage;
+        bar_wait(eq + 8 * slot, q_ring.parity ^ 1);  // its item two back is done with
+        ItemInfo& item = item_info[slot];
+        if (w >= p.n_items) {
+          item.n_blocks = -1;
+          bar_arrive(full_q + slot);
+          break;
+        }
+        int tile_m, bh;
+        item_at(w, tile_m, bh);
+        const int b = bh / p.hq, h = bh - b * p.hq;
+        item.tile_m = tile_m;
+        item.bh = bh;
+        item.b = b;
+        item.hk = h / p.group;
+        item.n_blocks = lists ? p.full_num[b * p.snb + h * p.snh + tile_m] : p.n_dense;
 #pragma unroll
-      for (int w = 0; w < NC; ++w)
-        tma_3d(s_q + w * 64 * D, &tm_q, full_q, 0, tile_m * L::ROWS + 64 * w, bh);
-      const int kv_head = b * p.hkv + hk;
-      const float* k_scale = p.ks + (long long)kv_head * p.nkb;
-      int entry = n_blocks > 0 ? (idx ? idx[0] : 0) : 0;
-      Ring<STAGES> ring;
-      for (int it = 0; it < n_blocks; ++it, ring.advance()) {
-        // The "empty" barriers start a phase ahead: the first round waits on none.
-        const int s = ring.stage, parity = ring.parity ^ 1;
-        const int j = entry & 0xFFFFFF;
-        const float scale = k_scale[j];
-        const int next = it + 1 < n_blocks ? (idx ? idx[it + 1] : it + 1) : 0;
-        bar_wait(empty_k + s, parity);
-        stage_info[s] = StageInfo{j, scale, entry >> 24, 0};
-        bar_expect(full_k + s, L::K_BYTES);
-        tma_3d(s_k + s * L::K_BYTES, &tm_k, full_k + s, 0, j * BN, kv_head);
-        bar_wait(empty_v + s, parity);
-        bar_expect(full_v + s, L::V_COPY_BYTES);
+        for (int c = 0; c < NC; ++c) {
+          const int row = tile_m * L::ROWS + 64 * c;
+          item.c_q[c] = p.qs[(long long)bh * p.nqb + min(row / BLOCK_M, p.nqb - 1)];
+        }
+        bar_expect(fq + 8 * slot, L::Q_BYTES);  // rows past the padded end arrive as zeros
 #pragma unroll
-        for (int c = 0; c < D / 64; ++c)
-          tma_4d(s_v + s * L::V_BYTES + c * BN * 128, &tm_v, full_v + s, c * 64, j * BN, hk, b);
-        entry = next;
+        for (int c = 0; c < NC; ++c)
+          tma_3d(sq + slot * L::Q_BYTES + c * 64 * D, &tm_q, fq + 8 * slot, 0,
+                 tile_m * L::ROWS + 64 * c, bh);
+        // The consumers still have this item's blocks to go: the counter's latency hides.
+        w = atomicAdd(p.work, 1) + gridDim.x;
+      }
+    } else if (threadIdx.x == 0) {
+      const uint32_t sk = smem_addr(s_k), sv = smem_addr(s_v), fk = smem_addr(full_k),
+                     fv = smem_addr(full_v), ek = smem_addr(empty_k), ev = smem_addr(empty_v);
+      Ring<STAGES> ring;  // continues from item to item, as the consumers' does
+      for (Ring<2> q_ring;; q_ring.advance()) {
+        // The item's Q has landed: its ItemInfo is written (STAGES blocks of the item
+        // before it still hide that wait from the consumers).
+        bar_wait(full_q + q_ring.stage, q_ring.parity);
+        const ItemInfo& item = item_info[q_ring.stage];
+        const int n_blocks = item.n_blocks;
+        if (n_blocks < 0) break;
+        const int tile_m = item.tile_m, b = item.b, h = item.bh - b * p.hq, hk = item.hk;
+        const int kv_head = b * p.hkv + hk;
+        const int* idx = lists ? p.full_idx + b * p.sib + h * p.sih + tile_m * p.siq : nullptr;
+        const float* k_scale = p.ks + (long long)kv_head * p.nkb;
+        int entry = n_blocks > 0 ? (idx ? idx[0] : 0) : 0;
+#pragma unroll 1
+        for (int it = 0; it < n_blocks; ++it, ring.advance()) {
+          // The "empty" barriers start a phase ahead: the first round waits on none.
+          const int s = ring.stage, parity = ring.parity ^ 1;
+          const int j = entry & 0xFFFFFF;
+          const float scale = k_scale[j];
+          const int next = it + 1 < n_blocks ? (idx ? idx[it + 1] : it + 1) : 0;
+          bar_wait(ek + 8 * s, parity);
+          stage_info[s] = StageInfo{j, scale, entry >> 24, 0};
+          bar_expect(fk + 8 * s, L::K_BYTES);
+          tma_3d(sk + s * L::K_BYTES, &tm_k, fk + 8 * s, 0, j * BN, kv_head);
+          bar_wait(ev + 8 * s, parity);
+          bar_expect(fv + 8 * s, L::V_COPY_BYTES);
+#pragma unroll
+          for (int c = 0; c < D / 64; ++c)
+            tma_4d(sv + s * L::V_BYTES + c * BN * 128, &tm_v, fv + 8 * s, c * 64, j * BN, hk, b);
+          entry = next;
+        }
       }
     }
     return;
   }
 
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(L::CONSUMER_REGS));
-  const int half = wg - 1;  // rows 64 * half .. + 63 of the CTA's
+  const int half = wg - 1;  // rows 64 * half .. + 63 of the item's
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-  const int row_base = tile_m * L::ROWS + half * 64;  // within one 128-row Q scale block
-  // Which map tile of the CTA these rows are in (pairs), as the bit of StageInfo::tiles; none
-  // for rows past the end, which then skip every block.
-  const int my_tile =
-      row_base >= p.nq ? 0 : 1 << (row_base / BLOCK_M - tile_m * L::ROWS / BLOCK_M);
-  const float c_q = p.qs[(long long)bh * p.nqb + min(row_base / BLOCK_M, p.nqb - 1)];
   constexpr int SBO_QK = L::SWIZZLE_QK * 8;  // 8 rows of one swizzle atom
-  const uint64_t desc_q = smem_desc<L::SWIZZLE_QK>(s_q + half * 64 * D, 16, SBO_QK);
   const int col_in = 2 * (lane % 4);
+  // Of the current item: the first of these rows (within one 128-row Q scale block), which
+  // map tile of the pair they are in (pairs; the bit of StageInfo::tiles, none for rows
+  // past the end, which then skip every block), their Q scale and Q descriptor.
+  int row_base = 0, my_tile = 0;
+  float c_q = 0.f;
+  uint64_t desc_q = 0;
 
   // The ones panels (never overwritten: the copies fill the V panels only), then a
   // proxy fence: the tensor cores read what ordinary stores wrote.
@@ -327,14 +405,12 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
 
   constexpr int NO = D / 2 + 4;  // O, then the row sums (o[D/2], o[D/2 + 2])
   float o[NO];
-#pragma unroll
-  for (int i = 0; i < NO; ++i) o[i] = 0.f;
   int sc[BN / 2];
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) sc[i] = 0;
   float x[BN / 2];      // probabilities of the block being softmaxed
   uint32_t pk[BN / 4];  // P of the block whose P·V is in flight, 16-bit pairs
-  float m0 = -INFINITY, m1 = -INFINITY;
+  float m0 = -INFINITY, m1 = -INFINITY;     // running maxima of the thread's two rows
   float log_alpha0 = 0.f, log_alpha1 = 0.f;  // log2 of the factors O is rescaled by
   bool rescale = false;                       // whether any row of the warp's moved
 
@@ -461,7 +537,6 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
   };
   if (pingpong && half == 1) asm volatile("bar.arrive %0, 256;" ::"r"(PINGPONG) : "memory");
 
-  bar_wait(full_q, 0);
   int prev = -1, prev_parity = 0;  // the stage whose P·V is still to be issued
   auto finish_pv = [&]() {
     bar_wait(full_v + prev, prev_parity);
@@ -474,63 +549,80 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
     prev = -1;
   };
   Ring<STAGES> ring;
-  for (int it = 0; it < n_blocks; ++it, ring.advance()) {
-    const int s = ring.stage, parity = ring.parity;
-    bar_wait(full_k + s, parity);
-    if (pairs && !(stage_info[s].tiles & my_tile)) {  // a block only the other tile keeps
-      release(empty_k + s);
-      // The pending P·V first: the copies wait for its V stage to be released, and
-      // this warpgroup's next product needs a block it keeps, maybe STAGES away.
-      if (prev >= 0) finish_pv();
-      // V's "empty" arrival waits for this round's copy: an earlier one could count
-      // towards the previous round, while other warps still read that V.
-      bar_wait(full_v + s, parity);
-      release(empty_v + s);
-      continue;
-    }
-    StageInfo info;  // read while the products run: its latency hides under them
-    if (prev < 0) {
-      turn_wait();
-      issue_qk(s);
-      turn_pass();
-      info = stage_info[s];
-      wgmma_wait<0>();
-      softmax(info.block, info.scale);
-      release(empty_k + s);
-    } else {
-      bar_wait(full_v + prev, prev_parity);
-      turn_wait();
-      issue_qk(s);
-      issue_pv(prev);
-      turn_pass();
-      info = stage_info[s];
-      wgmma_wait<1>();  // the scores are in; P·V of the previous block may still run
-      softmax(info.block, info.scale);
-      release(empty_k + s);
-      wgmma_wait<0>();
-      fence_regs(o);
-      release(empty_v + prev);
-    }
-    rescale_and_pack();
-    prev = s;
-    prev_parity = parity;
-  }
-  if (prev >= 0) finish_pv();
-
-  // Epilogue: O / l (0 for a row with no key), 16-bit stores.
-  const float l0 = o[D / 2], l1 = o[D / 2 + 2];
-  const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
-  const int row0 = row_base + warp * 16 + lane / 4, row1 = row0 + 8;
-  T* out = static_cast<T*>(p.out) + b * p.sob + h * p.soh;
+  Ring<2> q_ring;
+  for (;; q_ring.advance()) {  // work items
+    const int slot = q_ring.stage;
+    bar_wait(full_q + slot, q_ring.parity);
+    const int n_blocks = item_info[slot].n_blocks;
+    if (n_blocks < 0) break;
+    const int tile_m = item_info[slot].tile_m;
+    row_base = tile_m * L::ROWS + half * 64;
+    my_tile = row_base >= p.nq ? 0 : 1 << (row_base / BLOCK_M - tile_m * L::ROWS / BLOCK_M);
+    c_q = item_info[slot].c_q[half];
+    desc_q = smem_desc<L::SWIZZLE_QK>(s_q + slot * L::Q_BYTES + half * 64 * D, 16, SBO_QK);
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i) {
-    const int col = 8 * i + col_in;
-    if (row0 < p.nq)
-      *reinterpret_cast<uint32_t*>(out + row0 * p.son + col) =
-          pack2<T>(o[4 * i] * inv0, o[4 * i + 1] * inv0);
-    if (row1 < p.nq)
-      *reinterpret_cast<uint32_t*>(out + row1 * p.son + col) =
-          pack2<T>(o[4 * i + 2] * inv1, o[4 * i + 3] * inv1);
+    for (int i = 0; i < NO; ++i) o[i] = 0.f;
+    m0 = m1 = -INFINITY;
+    for (int it = 0; it < n_blocks; ++it, ring.advance()) {
+      const int s = ring.stage, parity = ring.parity;
+      bar_wait(full_k + s, parity);
+      if (pairs && !(stage_info[s].tiles & my_tile)) {  // a block only the other tile keeps
+        release(empty_k + s);
+        // The pending P·V first: the copies wait for its V stage to be released, and
+        // this warpgroup's next product needs a block it keeps, maybe STAGES away.
+        if (prev >= 0) finish_pv();
+        // V's "empty" arrival waits for this round's copy: an earlier one could count
+        // towards the previous round, while other warps still read that V.
+        bar_wait(full_v + s, parity);
+        release(empty_v + s);
+        continue;
+      }
+      StageInfo info;  // read while the products run: its latency hides under them
+      if (prev < 0) {
+        turn_wait();
+        issue_qk(s);
+        turn_pass();
+        info = stage_info[s];
+        wgmma_wait<0>();
+        softmax(info.block, info.scale);
+        release(empty_k + s);
+      } else {
+        bar_wait(full_v + prev, prev_parity);
+        turn_wait();
+        issue_qk(s);
+        issue_pv(prev);
+        turn_pass();
+        info = stage_info[s];
+        wgmma_wait<1>();  // the scores are in; P·V of the previous block may still run
+        softmax(info.block, info.scale);
+        release(empty_k + s);
+        wgmma_wait<0>();
+        fence_regs(o);
+        release(empty_v + prev);
+      }
+      rescale_and_pack();
+      prev = s;
+      prev_parity = parity;
+    }
+    if (prev >= 0) finish_pv();
+    const int b = item_info[slot].b, h = item_info[slot].bh - b * p.hq;
+    release(empty_q + slot);  // every product that read this Q (and its item) is complete
+
+    // Epilogue: O / l (0 for a row with no key), 16-bit stores.
+    const float l0 = o[D / 2], l1 = o[D / 2 + 2];
+    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    const int row0 = row_base + warp * 16 + lane / 4, row1 = row0 + 8;
+    T* out = static_cast<T*>(p.out) + b * p.sob + h * p.soh;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      const int col = 8 * i + col_in;
+      if (row0 < p.nq)
+        *reinterpret_cast<uint32_t*>(out + row0 * p.son + col) =
+            pack2<T>(o[4 * i] * inv0, o[4 * i + 1] * inv0);
+      if (row1 < p.nq)
+        *reinterpret_cast<uint32_t*>(out + row1 * p.son + col) =
+            pack2<T>(o[4 * i + 2] * inv1, o[4 * i + 3] * inv1);
+    }
   }
 }
 
@@ -546,7 +638,8 @@ struct FsqArgs {
   long long v_sb, v_sh, v_sn, o_sb, o_sh, o_sn;  // elements
   long long snb, snh, sib, sih, siq;
   long long batch, hq, hkv, nq, nk, nq_pad, nk_pad, d, bn, bf16, nqb, nkb, n_dense, pingpong;
-  long long nc, n_tiles;  // consumer warpgroups (2, or 3 at D=64); CTAs per head
+  long long nc, n_tiles;  // consumer warpgroups (2, or 3 at D=64); query tiles per head
+  unsigned long long work;  // int32 work-item counter, zero
 };
 
 }
@@ -599,9 +692,16 @@ int launch(const FsqArgs& a, const CUtensorMap& tq, const CUtensorMap& tk, const
   const int smem = L::BYTES + 1024;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e == cudaSuccess) {
-    dim3 grid(static_cast<unsigned>(a.n_tiles), static_cast<unsigned>(a.batch * a.hq));
-    kernel<<<grid, L::THREADS, smem, reinterpret_cast<cudaStream_t>(a.stream)>>>(tq, tk, tv, p);
-    e = cudaGetLastError();
+    // Persistent: one CTA per multiprocessor (the registers allow one), fewer for few items.
+    int device = 0, sms = 0;
+    e = cudaGetDevice(&device);
+    if (e == cudaSuccess)
+      e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (e == cudaSuccess && p.n_items > 0) {
+      const unsigned grid = static_cast<unsigned>(std::min(p.n_items, sms));
+      kernel<<<grid, L::THREADS, smem, reinterpret_cast<cudaStream_t>(a.stream)>>>(tq, tk, tv, p);
+      e = cudaGetLastError();
+    }
   }
   if (e != cudaSuccess) {
     snprintf(err, err_len, "sm90 attention launch failed: %s", cudaGetErrorString(e));
@@ -686,6 +786,9 @@ extern "C" int fsq_attention_sm90(const FsqArgs* a, char* err, int err_len) {
   p.nkb = int(a->nkb);
   p.n_dense = int(a->n_dense);
   p.pingpong = int(a->pingpong);
+  p.n_tiles = int(a->n_tiles);
+  p.n_items = int(a->n_tiles * a->batch * a->hq);
+  p.work = reinterpret_cast<int*>(a->work);
 
 #define FSQ_CASE(D_, BN_, T_)                                             \
   if (d == D_ && bn == BN_ && (a->bf16 != 0) == std::is_same<T_, __nv_bfloat16>::value) \
