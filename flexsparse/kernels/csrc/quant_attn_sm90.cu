@@ -50,7 +50,7 @@ struct Params {
   long long sob, soh, son;
   long long snb, snh, sib, sih, siq;
   int hq, group, hkv, nq, nk, nqb, nkb, n_dense, pingpong;
-  int n_tiles, n_items;  // CTA-sized query tiles per head; work items (tiles x heads)
+  int n_tiles, n_items;  // ROWS-row query tiles per head; work items (tiles x heads)
   int* work;             // the next work item to hand out, 0 at launch
 };
 
@@ -194,7 +194,7 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 // -- the kernel -------------------------------------------------------------------------
 
 // What the producer tells the consumers about a stage, in one 16-byte shared-memory word: the
-// key block, its K scale, and which of the CTA's map tiles keep it (bits 0 and 1, pairs).
+// key block, its K scale, and which of the item's map tiles keep it (bits 0 and 1, pairs).
 struct alignas(16) StageInfo {
   int block;
   float scale;
@@ -211,12 +211,12 @@ struct alignas(16) ItemInfo {
   float c_q[3];
 };
 
-// NC consumer warpgroups of 64 query rows each: 2 (128 rows per CTA), or 3 at head_dim 64
+// NC consumer warpgroups of 64 query rows each: 2 (128-row items), or 3 at head_dim 64
 // (192 rows: a third warp per scheduler to hide latency; a map's tiles are then walked in
 // pairs).
 template <int D, int BN, int STAGES, int NC>
 struct Layout {
-  static constexpr int ROWS = 64 * NC;               // query rows per CTA
+  static constexpr int ROWS = 64 * NC;               // query rows per work item
   static constexpr int THREADS = 128 * (NC + 1);     // the producer warpgroup, then NC
   // Registers per thread after setmaxnreg, in multiples of 8: the producer's 32 hold its
   // loops without spilling; the consumers take the rest of what the CTA launched with
@@ -237,7 +237,7 @@ struct Layout {
   static constexpr int V_OFF = K_OFF + STAGES * K_BYTES;
   static constexpr int BAR_OFF = V_OFF + STAGES * V_BYTES;
   static constexpr int N_BARS = 4 + 4 * STAGES;  // Q full / empty per slot, K and V rings
-  // Per stage: the key block, its K scale and which of the CTA's map tiles keep it; then
+  // Per stage: the key block, its K scale and which of the item's map tiles keep it; then
   // the two Q slots' work items.
   static constexpr int INFO_OFF = (BAR_OFF + N_BARS * 8 + 15) / 16 * 16;
   static constexpr int ITEM_OFF = INFO_OFF + STAGES * int(sizeof(StageInfo));
@@ -270,7 +270,7 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
   ItemInfo* item_info = reinterpret_cast<ItemInfo*>(smem + L::ITEM_OFF);
 
   const bool lists = p.full_num != nullptr;
-  // A 192-row CTA spans two of a map's 128-row tiles: it walks the union of their lists,
+  // A 192-row item spans two of a map's 128-row tiles: it walks the union of their lists,
   // whose entries carry bit 24 (the first tile keeps the block) and bit 25 (the second).
   const bool pairs = NC == 3 && lists;
 
@@ -302,7 +302,7 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
 
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
-    // Producer: one thread issues every copy, STAGES blocks ahead of the consumers.
+    // Producer warpgroup.
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(L::PRODUCER_REGS));
     // Two threads of it, each in 32 registers: one hands out work items (each with its Q),
     // one copies K and V through the ring, STAGES blocks ahead of the consumers.
