@@ -41,12 +41,13 @@ NVCC_FLAGS = (
 MODE = os.environ.get("FLEXSPARSE_SM90", "auto")
 #: Consumer warpgroups (64 query rows each) per CTA, per head_dim: 3 at D=64 (192-row
 #: work items; a map's 128-row tiles are walked in pairs, ``pair_lists``), 2 at D=128, whose
-#: accumulators do not fit three. H100, dense 2x30x17776 D=64: 554 TOPS with 3, 493-508
-#: with 2 (2026-11-25 late night, BENCHMARKS.md; docs/kernel_notes.md). Benchmarks flip it.
+#: accumulators do not fit three. H100, dense 2x30x17776 D=64: 556 TOPS with 3, 494 with 2
+#: (2026-11-25 before midnight, BENCHMARKS.md; docs/kernel_notes.md). Benchmarks flip it.
 CONSUMERS = {64: 3, 128: 2}
 #: With two consumer warpgroups: whether they take turns issuing their MMAs, per head_dim.
-#: H100, dense 2x24x17776 D=128: 757 TOPS with, 740 without; 2x30x17776 D=64: 491 with,
-#: 505 without (one run, 2026-11-25; docs/kernel_notes.md). Benchmarks flip it.
+#: H100, dense 2x24x17776 D=128: 760 TOPS with, 755 without; 2x30x17776 D=64: 485 with,
+#: 494 without (one run, 2026-11-25 before midnight, persistent grid; BENCHMARKS.md).
+#: Benchmarks flip it.
 PINGPONG = {64: False, 128: True}
 
 
@@ -183,10 +184,9 @@ def pair_lists(full_num: Tensor, full_idx: Tensor, nkb: int, n_ctas: int,
 
     Item (query tile) ``c`` of a head holds query rows ``[rows * c, rows * c + rows)``,
     the tiles ``t0 = rows * c // 128`` and ``t1`` (the tile of its last row, at most the
-    last tile). It walks the union
-    of their lists in increasing key order; each entry is the key block plus bit 24 when
-    ``t0`` keeps it and bit 25 when ``t1`` does, so each consumer warpgroup computes only
-    its own tile's blocks.
+    last tile). It walks the union of their lists in increasing key order; each entry is
+    the key block plus bit 24 when ``t0`` keeps it and bit 25 when ``t1`` does, so each
+    consumer warpgroup computes only its own tile's blocks.
 
     Args:
         full_num: int32 ``[Bm, Hm, Qb]``; full_idx: int32 ``[Bm, Hm, Qb, W]`` (tile lists).
