@@ -49,6 +49,9 @@ CONSUMERS = {64: 3, 128: 2}
 #: 494 without (one run, 2026-11-25 before midnight, persistent grid; BENCHMARKS.md).
 #: Benchmarks flip it.
 PINGPONG = {64: False, 128: True}
+#: At most this many CTAs in the persistent grid (None: one per multiprocessor). Tests
+#: shrink it so that every CTA runs many work items, as the full-size calls do.
+MAX_CTAS: int | None = None
 
 
 def cache_dir() -> Path:
@@ -93,7 +96,7 @@ class _Args(ctypes.Structure):
         for name in ("v_sb", "v_sh", "v_sn", "o_sb", "o_sh", "o_sn", "snb", "snh", "sib", "sih",
                      "siq", "batch", "hq", "hkv", "nq", "nk", "nq_pad", "nk_pad", "d", "bn",
                      "bf16", "nqb", "nkb", "n_dense", "pingpong", "nc", "n_tiles")
-    ] + [("work", ctypes.c_ulonglong)]
+    ] + [("work", ctypes.c_ulonglong), ("max_ctas", ctypes.c_longlong)]
 
 
 def build(nvcc: str, root: Path | None = None, extra_flags: tuple[str, ...] = ()) -> Path:
@@ -278,6 +281,10 @@ def attention(
     # call, so that calls on different streams never share one).
     work = torch.zeros(1, dtype=torch.int32, device=qi.device)
     a.work = work.data_ptr()
+    if MAX_CTAS is not None and (isinstance(MAX_CTAS, bool) or not isinstance(MAX_CTAS, int)
+                                 or MAX_CTAS < 1):
+        raise ValueError(f"sm90.MAX_CTAS must be None or a positive int, got {MAX_CTAS!r}")
+    a.max_ctas = MAX_CTAS or 0
     err_buf = ctypes.create_string_buffer(512)
     with torch.cuda.device(qi.device):
         if lib.fsq_attention_sm90(ctypes.byref(a), err_buf, len(err_buf)):

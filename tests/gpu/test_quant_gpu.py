@@ -10,7 +10,7 @@ import flexsparse as fs
 from flexsparse import masks
 from flexsparse.call import AttentionCall
 from flexsparse.kernels import QuantBackend, quant_attention, quant_reference, sm90, tile_lists
-from flexsparse.kernels.quant import sm90_reasons
+from flexsparse.kernels.quant import ROW_IMBALANCE, sm90_reasons
 
 pytestmark = [
     pytest.mark.gpu,
@@ -287,6 +287,42 @@ def test_sm90_random_sizes(seed, consumers, pingpong, monkeypatch):
             assert (out[:, :, :128] == 0).all()
     exact = masked_attention(q, k, v, allowed)
     assert rel_l2(out.cpu(), exact) < 3e-2 and cosine(out.cpu(), exact) > 0.999
+    monkeypatch.setattr(sm90, "MAX_CTAS", 2)  # each CTA runs many work items
+    again = quant_attention(q, k, v, kept=kept, tile_n=tile_n, kernel="sm90")
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
+
+
+@needs_sm90
+@pytest.mark.parametrize("d, consumers, pingpong", [(64, 3, False), (64, 2, False),
+                                                    (128, 2, True), (128, 2, False)])
+@pytest.mark.parametrize("tiles", [None, 128, 64])
+def test_sm90_persistent_grid(d, consumers, pingpong, tiles, monkeypatch):
+    """The persistent grid: more work items than multiprocessors (CTAs run several items,
+    their K / V ring and Q slots running on from item to item), and the same call on 1, 3
+    and 7 CTAs (dozens of items each, with items of different lengths and, on an
+    imbalanced map, taken in ``row_order``) must give the same bits."""
+    monkeypatch.setitem(sm90.CONSUMERS, d, consumers)
+    monkeypatch.setitem(sm90.PINGPONG, d, pingpong)
+    b, hq, hkv, nq, nk = 2, 8, 4, 1931, 1500
+    q, k, v = qkv(b, hq, hkv, nq, nk, d, torch.bfloat16, d + consumers + int(pingpong))
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    assert b * hq * -(-nq // (64 * consumers)) > sms
+    kept = None
+    if tiles is not None:
+        g = torch.Generator().manual_seed(d + (tiles or 0))
+        kept = torch.rand(b, hq, -(-nq // 128), -(-nk // tiles), generator=g) < 0.2
+        kept[:, :, :2] = True  # two long rows: row_order takes them first
+        kept[1, 3, 5] = False  # an item (or half of one) that keeps nothing
+        work = kept.sum(dim=(0, 1, 3)).float()
+        assert work.max() >= ROW_IMBALANCE * work.mean()  # so row_order reorders the tiles
+    out = quant_attention(q, k, v, kept=kept, tile_n=tiles, kernel="sm90")
+    ref = quant_reference(q, k, v, kept=None if kept is None else kept.cuda(),
+                          tile_n=tiles or 128, block_n=tiles or 128)
+    assert rel_l2(out, ref) < 5e-3
+    for ctas in (1, 3, 7):
+        monkeypatch.setattr(sm90, "MAX_CTAS", ctas)
+        again = quant_attention(q, k, v, kept=kept, tile_n=tiles, kernel="sm90")
+        torch.testing.assert_close(again, out, rtol=0, atol=0, msg=f"{ctas} CTAs")
 
 
 @needs_sm90

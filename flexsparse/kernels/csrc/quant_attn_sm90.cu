@@ -51,6 +51,7 @@ struct Params {
   long long snb, snh, sib, sih, siq;
   int hq, group, hkv, nq, nk, nqb, nkb, n_dense, pingpong;
   int n_tiles, n_items;  // ROWS-row query tiles per head; work items (tiles x heads)
+  int max_ctas;          // the grid's cap (0: one CTA per multiprocessor)
   int* work;             // the next work item to hand out, 0 at launch
 };
 
@@ -203,11 +204,11 @@ struct alignas(16) StageInfo {
 };
 
 // A work item as the producer hands it out with its Q: the query tile (of ROWS rows), the
-// (batch, head) and the head's K / V head, how many key blocks it walks (-1: no more
-// items), and the Q scale of each consumer warpgroup's rows. The divisions are done once,
-// by the thread that hands items out.
+// batch, head and K / V head, how many key blocks it walks (-1: no more items), and the Q
+// scale of each consumer warpgroup's rows. The divisions are done once, by the thread that
+// hands items out.
 struct alignas(16) ItemInfo {
-  int tile_m, bh, b, hk, n_blocks;
+  int tile_m, b, h, hk, n_blocks;
   float c_q[3];
 };
 
@@ -322,8 +323,8 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
         item_at(w, tile_m, bh);
         const int b = bh / p.hq, h = bh - b * p.hq;
         item.tile_m = tile_m;
-        item.bh = bh;
         item.b = b;
+        item.h = h;
         item.hk = h / p.group;
         item.n_blocks = lists ? p.full_num[b * p.snb + h * p.snh + tile_m] : p.n_dense;
 #pragma unroll
@@ -350,7 +351,7 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
         const ItemInfo& item = item_info[q_ring.stage];
         const int n_blocks = item.n_blocks;
         if (n_blocks < 0) break;
-        const int tile_m = item.tile_m, b = item.b, h = item.bh - b * p.hq, hk = item.hk;
+        const int tile_m = item.tile_m, b = item.b, h = item.h, hk = item.hk;
         const int kv_head = b * p.hkv + hk;
         const int* idx = lists ? p.full_idx + b * p.sib + h * p.sih + tile_m * p.siq : nullptr;
         const float* k_scale = p.ks + (long long)kv_head * p.nkb;
@@ -605,7 +606,7 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
       prev_parity = parity;
     }
     if (prev >= 0) finish_pv();
-    const int b = item_info[slot].b, h = item_info[slot].bh - b * p.hq;
+    const int b = item_info[slot].b, h = item_info[slot].h;
     release(empty_q + slot);  // every product that read this Q (and its item) is complete
 
     // Epilogue: O / l (0 for a row with no key), 16-bit stores.
@@ -640,6 +641,7 @@ struct FsqArgs {
   long long batch, hq, hkv, nq, nk, nq_pad, nk_pad, d, bn, bf16, nqb, nkb, n_dense, pingpong;
   long long nc, n_tiles;  // consumer warpgroups (2, or 3 at D=64); query tiles per head
   unsigned long long work;  // int32 work-item counter, zero
+  long long max_ctas;       // at most this many CTAs (0: one per multiprocessor)
 };
 
 }
@@ -684,6 +686,21 @@ int make_map(CUtensorMap* map, CUtensorMapDataType type, int rank, void* addr,
   return 0;
 }
 
+// The current device's multiprocessor count, asked once per device.
+cudaError_t multiprocessors(int* sms) {
+  static int known[64] = {};
+  int device = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e != cudaSuccess) return e;
+  if (device >= 64) return cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device);
+  if (known[device] == 0) {
+    e = cudaDeviceGetAttribute(&known[device], cudaDevAttrMultiProcessorCount, device);
+    if (e != cudaSuccess) return e;
+  }
+  *sms = known[device];
+  return cudaSuccess;
+}
+
 template <int D, int BN, int STAGES, int NC, typename T>
 int launch(const FsqArgs& a, const CUtensorMap& tq, const CUtensorMap& tk, const CUtensorMap& tv,
            const fsq::Params& p, char* err, int err_len) {
@@ -692,13 +709,13 @@ int launch(const FsqArgs& a, const CUtensorMap& tq, const CUtensorMap& tk, const
   const int smem = L::BYTES + 1024;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e == cudaSuccess) {
-    // Persistent: one CTA per multiprocessor (the registers allow one), fewer for few items.
-    int device = 0, sms = 0;
-    e = cudaGetDevice(&device);
-    if (e == cudaSuccess)
-      e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    // Persistent: one CTA per multiprocessor (the registers allow one), fewer for few items
+    // or under the caller's cap (tests: many items per CTA).
+    int sms = 0;
+    e = multiprocessors(&sms);
     if (e == cudaSuccess && p.n_items > 0) {
-      const unsigned grid = static_cast<unsigned>(std::min(p.n_items, sms));
+      const int cap = p.max_ctas > 0 ? std::min(p.max_ctas, sms) : sms;
+      const unsigned grid = static_cast<unsigned>(std::min(p.n_items, cap));
       kernel<<<grid, L::THREADS, smem, reinterpret_cast<cudaStream_t>(a.stream)>>>(tq, tk, tv, p);
       e = cudaGetLastError();
     }
@@ -789,6 +806,7 @@ extern "C" int fsq_attention_sm90(const FsqArgs* a, char* err, int err_len) {
   p.n_tiles = int(a->n_tiles);
   p.n_items = int(a->n_tiles * a->batch * a->hq);
   p.work = reinterpret_cast<int*>(a->work);
+  p.max_ctas = int(std::min<long long>(std::max<long long>(a->max_ctas, 0), INT_MAX));
 
 #define FSQ_CASE(D_, BN_, T_)                                             \
   if (d == D_ && bn == BN_ && (a->bf16 != 0) == std::is_same<T_, __nv_bfloat16>::value) \
