@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import flex_attention
 
+from ._devices import cuda_capability
 from .call import AttentionCall
 
 #: Up to this many query rows (and fewer than the keys) the mask rows are materialised for
@@ -275,7 +276,7 @@ def kernel_options(block_size, q: Tensor, compiled: bool) -> dict | None:
     if q.device.type != "cuda" or not compiled:
         return None
     options: dict = {}
-    hopper = torch.cuda.get_device_capability(q.device)[0] == 9
+    hopper = cuda_capability(q.device)[0] == 9
     if hopper and _TUNED and q.shape[-1] <= 64:
         options.update(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
     bq, bk = (int(x) for x in block_size)

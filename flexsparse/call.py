@@ -13,7 +13,7 @@ computed once however many backends look at it.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -56,6 +56,9 @@ class AttentionCall:
     compile: bool | None = None
     notes: tuple[str, ...] = ()
     census: tuple[tuple[int, int], TileCounts] | None = None
+    # BlockMasks this call already asked its mask for: backends ask for the same one
+    # several times on the way down (~20 us per cache lookup on the mask).
+    _block_masks: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def q_len(self) -> int:
@@ -90,11 +93,16 @@ class AttentionCall:
         ignores the tile lists and applies only ``mask_mod``, asks with ``noop=False``."""
         from .masks.basic import full
 
-        mask = full() if self.mask is None else self.mask
-        return mask.block_mask(
-            self.q_len, self.kv_len, device=self.device, heads=mask.heads, batch=mask.batch,
-            block_size=block_size, noop=noop, backward=self.needs_backward,
-        )
+        key = (tuple(block_size), noop, self.needs_backward)
+        hit = self._block_masks.get(key)
+        if hit is None:
+            mask = full() if self.mask is None else self.mask
+            hit = mask.block_mask(
+                self.q_len, self.kv_len, device=self.device, heads=mask.heads,
+                batch=mask.batch, block_size=block_size, noop=noop, backward=key[2],
+            )
+            self._block_masks[key] = hit
+        return hit
 
     def tile_counts(self, block_size: tuple[int, int]) -> TileCounts:
         """Empty / partial / full tiles of ``block_mask(block_size)``, summed over the

@@ -27,7 +27,7 @@ from flexsparse.kernels import (
     tile_lists,
     to_fp8,
 )
-from flexsparse.kernels.quant import _pack_bits, k_mean, v_channel_scale
+from flexsparse.kernels.quant import K_MEAN_SAMPLES, _pack_bits, k_mean, v_channel_scale
 
 
 def rel_l2(a, b):
@@ -89,9 +89,24 @@ def test_quantize_blocks_mean_zero_block_and_rounding():
     assert vals[0, 0, 0, :5].tolist() == [127, 1, -1, 2, -3]
     k = torch.randn(1, 2, 100, 64) + 3.0
     mean = k_mean(k)
-    assert torch.allclose(mean, k.mean(2), atol=1e-6)
+    assert torch.allclose(mean, k.mean(2), atol=1e-6)  # short: every key
     vals, scales = quantize_blocks(k, 64, mean=mean)
     assert scales.max() < 5 / 127  # smoothing removed the offset of 3 from the range
+
+
+def test_k_mean_samples_long_sequences():
+    """Past 2 x K_MEAN_SAMPLES keys the mean is over every s-th key; it still removes a
+    per-channel offset as the full mean does (what the smoothing is for)."""
+    n = 5 * K_MEAN_SAMPLES + 7
+    offset = torch.linspace(-4, 4, 64)
+    k = torch.randn(2, 3, n, 64, dtype=torch.float64) + offset
+    mean = k_mean(k)
+    assert mean.dtype == torch.float32 and mean.shape == (2, 3, 64)
+    torch.testing.assert_close(mean, k[:, :, ::5].mean(2).float())
+    assert (mean - offset).abs().max() < 0.15  # 2,458 samples of unit noise
+    _, sampled = quantize_blocks(k.float(), 128, mean=mean)
+    _, full = quantize_blocks(k.float(), 128, mean=k.mean(2).float())
+    assert (sampled / full).max() < 1.05
 
 
 def test_fp8_helpers():

@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .._devices import cuda_capability
+
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
@@ -166,7 +168,7 @@ def device_reasons(q: Tensor, v: Tensor) -> list[str]:
     if q.device.type != "cuda":
         return [f"needs a CUDA device, got {q.device.type}"]
     out = []
-    cap = torch.cuda.get_device_capability(q.device)
+    cap = cuda_capability(q.device)
     if cap != (9, 0):
         out.append(f"needs compute capability 9.0 (Hopper), got {cap[0]}.{cap[1]}")
     if q.shape[-1] not in (64, 128):
