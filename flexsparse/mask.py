@@ -20,6 +20,7 @@ evaluating ``mask_mod`` on those tiles alone (within ``REFINE_BUDGET`` elements)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from collections import OrderedDict
@@ -136,15 +137,20 @@ class Mask:
         self.__dict__.update(state)
         self._init_caches()
 
+    def _locked(self):
+        # Dynamo cannot trace a lock (torch.compile(fullgraph=True) of a patched model); a
+        # traced lookup runs on the compiling thread alone.
+        return contextlib.nullcontext() if torch.compiler.is_compiling() else self._cache_lock
+
     def _cache_get(self, cache: OrderedDict, key):
-        with self._cache_lock:
+        with self._locked():
             hit = cache.get(key)
             if hit is not None:
                 cache.move_to_end(key)
             return hit
 
     def _cache_put(self, cache: OrderedDict, key, value) -> None:
-        with self._cache_lock:
+        with self._locked():
             cache[key] = value
             cache.move_to_end(key)
             while len(cache) > _CACHE_SIZE:

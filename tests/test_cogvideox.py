@@ -26,7 +26,12 @@ import flexsparse as fs  # noqa: E402
 from flexsparse.masks.radial import radial  # noqa: E402
 from flexsparse.models import cogvideox as cvx  # noqa: E402
 from flexsparse.models._video import TokenGrid  # noqa: E402
-from tests.test_models_base import CHECKS, AdapterCase, loaded  # noqa: E402
+from tests.test_models_base import (  # noqa: E402
+    CHECKS,
+    AdapterCase,
+    check_fullgraph_compile_when_warm,
+    loaded,
+)
 
 FRAMES, HW, BLOCK = 25, 64, 16  # -> 7 latent frames of 4 x 4 patches, 8 text tokens
 GRID = TokenGrid(7, 4, 4)
@@ -141,6 +146,10 @@ def transformer(tmp_path_factory):
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
 def test_adapter_contract(transformer, check):
     check(CASE, transformer)
+
+
+def test_fullgraph_compile_of_a_warm_patched_transformer(transformer):
+    check_fullgraph_compile_when_warm(CASE, transformer)
 
 
 def _scenes_available() -> bool:

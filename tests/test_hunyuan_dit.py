@@ -25,6 +25,7 @@ from tests.test_models_base import (  # noqa: E402
     IMAGE_CHECKS,
     ImageCase,
     additive,
+    check_fullgraph_compile_when_warm,
     check_tuned_file,
     loaded,
 )
@@ -135,6 +136,10 @@ def transformer(tmp_path_factory):
 @pytest.mark.parametrize("check", IMAGE_CHECKS, ids=lambda c: c.__name__)
 def test_adapter_contract(transformer, check):
     check(CASE, transformer)
+
+
+def test_fullgraph_compile_of_a_warm_patched_transformer(transformer):
+    check_fullgraph_compile_when_warm(CASE, transformer)
 
 
 def test_tuned_file(transformer, tmp_path):

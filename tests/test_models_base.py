@@ -345,6 +345,27 @@ def check_training_matches_stock(case: AdapterCase, model) -> None:
                                    msg=lambda m, n=name: f"{n}: {m}")
 
 
+def check_fullgraph_compile_when_warm(case: AdapterCase, model) -> None:
+    """``torch.compile(model, fullgraph=True)`` traces the patched processors once the
+    masks' caches are warm (one eager forward builds the BlockMasks; building one inside a
+    trace is not traceable) and FlexAttention runs them: the eager answer, and a second call
+    that compiles nothing new. Not for HunyuanVideo (its text padding mask is read on the
+    host) nor Flux (its token grid is read from ``img_ids``)."""
+    case.module.patch(model, backend="flex", block_size=case.block_size, **case.video,
+                      **case.sparse_patch(model))
+    inputs = case.inputs(case.grid)
+    eager = case.run(model, inputs)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        torch.testing.assert_close(case.run(compiled, inputs), eager, atol=1e-6, rtol=0)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            torch.testing.assert_close(case.run(compiled, inputs), eager, atol=1e-6, rtol=0)
+    finally:
+        torch._dynamo.reset()
+        case.module.unpatch(model)
+
+
 #: Every adapter runs all of these (``check(case, model)``).
 CHECKS = (
     check_keep_all_equals_stock,

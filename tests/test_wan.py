@@ -25,7 +25,14 @@ from flexsparse import models  # noqa: E402
 from flexsparse.models import wan  # noqa: E402
 from flexsparse.models._patch import ATTR  # noqa: E402
 from flexsparse.models._video import SparseProcessor, TokenGrid  # noqa: E402
-from tests.test_models_base import CHECKS, AdapterCase, forward, loaded, reference  # noqa: E402
+from tests.test_models_base import (  # noqa: E402
+    CHECKS,
+    AdapterCase,
+    check_fullgraph_compile_when_warm,
+    forward,
+    loaded,
+    reference,
+)
 
 FRAMES, HW, BLOCK = 17, 64, 16
 GRID = TokenGrid(5, 4, 4)
@@ -215,6 +222,10 @@ def test_cli_video_end_to_end_on_a_saved_wan_pipeline(tmp_path, capsys):
     assert any(p.name.startswith("out") for p in tmp_path.iterdir())
 
 
+def test_fullgraph_compile_of_a_warm_patched_transformer(transformer):
+    check_fullgraph_compile_when_warm(CASE, transformer)
+
+
 def test_torch_compile_of_a_patched_transformer_equals_eager(transformer):
     """``torch.compile(transformer)`` (default ``fullgraph=False``: Dynamo breaks the graph
     around the mask lookups) runs the patched processors and gives the eager answer."""
@@ -226,3 +237,16 @@ def test_torch_compile_of_a_patched_transformer_equals_eager(transformer):
     torch.testing.assert_close(forward(compiled, inputs), eager, atol=1e-6, rtol=0)
     wan.unpatch(transformer)
     assert eager.ne(forward(transformer, inputs)).any()  # the sparse answer, not the stock one
+    # Dense and sparse steps (the step counter runs outside the graph): no step may reuse
+    # the other's compiled mask.
+    wan.patch(transformer, **VIDEO, block_size=BLOCK, backend="sdpa", dense_layers=1,
+              dense_timesteps=2)
+    schedule = [999, 800, 600, 999, 700]
+    eager = [forward(transformer, inputs, t) for t in schedule]
+    wan.reset_steps(transformer)
+    torch._dynamo.reset()
+    compiled = torch.compile(transformer, backend="eager")
+    for t, want in zip(schedule, eager):
+        torch.testing.assert_close(forward(compiled, inputs, t), want, atol=1e-6, rtol=0)
+    assert eager[0].ne(eager[2]).any()  # step 0 dense, step 2 sparse
+    torch._dynamo.reset()
