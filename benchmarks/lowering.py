@@ -18,9 +18,11 @@ synchronised after each call) and ``queued`` (calls back to back).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
+from unittest import mock
 
 import torch
 
@@ -41,13 +43,18 @@ VARIANTS = {"prelower, q-side": (True, True), "prelower, no q-side": (True, Fals
             "count first, no q-side": (False, False)}
 
 
-def use_variant(prelower: bool, q_side: bool, _plain=Mask.block_mask) -> None:
-    """Set ``attention.PRELOWER`` and whether every BlockMask carries the query side."""
-    fa.PRELOWER = prelower
-    if q_side:
-        Mask.block_mask = lambda self, *a, **kw: _plain(self, *a, **{**kw, "backward": True})
-    else:
-        Mask.block_mask = _plain
+@contextlib.contextmanager
+def variant(prelower: bool, q_side: bool):
+    """``attention.PRELOWER`` and whether every BlockMask carries the query side, for the
+    duration of the block."""
+    plain = Mask.block_mask
+
+    def with_q_side(self, *args, **kwargs):
+        return plain(self, *args, **{**kwargs, "backward": True})
+
+    with mock.patch.object(fa, "PRELOWER", prelower), \
+            mock.patch.object(Mask, "block_mask", with_q_side if q_side else plain):
+        yield
 
 
 def main() -> None:
@@ -63,23 +70,20 @@ def main() -> None:
             return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
     times: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
-    try:
-        for _ in range(args.rounds):
-            base, base_q = cuda_ms(cudnn, 3, 10), queued_ms(cudnn, 3, 10)
-            times.setdefault(("-", "cuDNN dense"), []).append((base, base_q, 1.0, 1.0))
-            for sim, cdf in MAPS:
-                mask = masks.meansim(sim, cdfthreshd=cdf)
-                for name, flags in VARIANTS.items():
-                    use_variant(*flags)
+    for _ in range(args.rounds):
+        base, base_q = cuda_ms(cudnn, 3, 10), queued_ms(cudnn, 3, 10)
+        times.setdefault(("-", "cuDNN dense"), []).append((base, base_q, 1.0, 1.0))
+        for sim, cdf in MAPS:
+            mask = masks.meansim(sim, cdfthreshd=cdf)
+            for name, flags in VARIANTS.items():
 
-                    def call(mask=mask):
-                        return fs.attention(q, k, v, mask)
+                def call(mask=mask):
+                    return fs.attention(q, k, v, mask)
 
+                with variant(*flags):
                     ms, ms_q = cuda_ms(call, 3, 10), queued_ms(call, 3, 10)
-                    times.setdefault((f"{sim}/{cdf}", name), []).append(
-                        (ms, ms_q, base / ms, base_q / ms_q))
-    finally:
-        use_variant(True, False)
+                times.setdefault((f"{sim}/{cdf}", name), []).append(
+                    (ms, ms_q, base / ms, base_q / ms_q))
     rows = []
     for (case, name), vals in times.items():
         rows.append({

@@ -34,6 +34,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -157,25 +158,19 @@ def main() -> int:
     fast_map = probe.predict(q, k)
     from flexsparse.kernels import meansim_fast
 
-    meansim_fast.SORT_IN_TRITON = False
-    try:
+    with mock.patch.object(meansim_fast, "SORT_IN_TRITON", False):
         ts_ms = bench(lambda: probe.predict(q, k), reps)
         assert torch.equal(probe.predict(q, k), fast_map)
-    finally:
-        meansim_fast.SORT_IN_TRITON = True
     rows.append(dict(row="predictor (Triton stats + select, torch.sort)", ms=ts_ms,
                      vs_dense=ts_ms / dense_ms))
     probe_plain = fs.masks.meansim(0.6, cdfthreshd=0.98)
     plain_ms = bench(lambda: probe_plain.predict(q, k), reps)
     rows.append(dict(row="predictor (Triton kernels, smooth_k=False)", ms=plain_ms,
                      vs_dense=plain_ms / dense_ms))
-    os.environ["FLEXSPARSE_MEANSIM_TRITON"] = "0"
-    os.environ["FLEXSPARSE_COMPILE"] = "0"
-    try:
+    with mock.patch.dict(os.environ, {"FLEXSPARSE_MEANSIM_TRITON": "0",
+                                      "FLEXSPARSE_COMPILE": "0"}):
         eager_ms = bench(lambda: probe.predict(q, k), reps)
         torch_map = probe.predict(q, k)
-    finally:
-        del os.environ["FLEXSPARSE_COMPILE"], os.environ["FLEXSPARSE_MEANSIM_TRITON"]
     rows.append(dict(row="predictor (PyTorch eager)", ms=eager_ms, vs_dense=eager_ms / dense_ms))
     notes.append(f"Triton vs PyTorch-eager tile maps: {(fast_map != torch_map).sum().item()} of "
                  f"{fast_map.numel()} tiles differ")
@@ -398,17 +393,9 @@ def profile_main() -> int:
     for name, probe in probes.items():
         maps = {}
         for label, env in variants.items():
-            old = {key: os.environ.get(key) for key in env}
-            os.environ.update(env)
-            try:
+            with mock.patch.dict(os.environ, env):
                 ms = time_ms(lambda p=probe: p.predict(q, k), warmup=3, reps=30)
                 maps[label] = probe.predict(q, k)
-            finally:
-                for key, val in old.items():
-                    if val is None:
-                        os.environ.pop(key, None)
-                    else:
-                        os.environ[key] = val
             print(f"predictor {name} [{label}]: {ms:.3f} ms = {ms / dense_ms:.1%} of cuDNN")
         for label, m in maps.items():
             print(f"  {label} vs eager: {(m != maps['eager']).sum().item()} of {m.numel()} "
@@ -425,19 +412,15 @@ def _stats_sweep(q, k) -> None:
     from flexsparse.kernels import meansim_fast as mf
 
     b, h, n, d = q.shape
-    keep = (mf.STATS_ROWS, mf.STATS_STAGES)
     bufs = {blk: (torch.empty(b, h, -(-n // blk), d, device=q.device),
                   torch.empty(b, h, -(-n // blk), device=q.device)) for blk in (128, 64)}
-    try:
-        for rows, stages in ((64, 1), (256, 1), (256, 2), (512, 2), (512, 3)):
-            mf.STATS_ROWS, mf.STATS_STAGES = rows, stages
+    for rows, stages in ((64, 1), (256, 1), (256, 2), (512, 2), (512, 3)):
+        with mock.patch.multiple(mf, STATS_ROWS=rows, STATS_STAGES=stages):
             ms = time_ms(lambda: (mf.block_stats_into(q, 128, 0, *bufs[128]),
                                   mf.block_stats_into(k, 64, 0, *bufs[64])), warmup=3, reps=30)
-            gbs = 2 * q.numel() * q.element_size() / ms / 1e6
-            print(f"stats kernel, {rows} tokens/program, {stages} stages: q+k {ms * 1e3:.1f} us "
-                  f"({gbs:.0f} GB/s)", flush=True)
-    finally:
-        mf.STATS_ROWS, mf.STATS_STAGES = keep
+        gbs = 2 * q.numel() * q.element_size() / ms / 1e6
+        print(f"stats kernel, {rows} tokens/program, {stages} stages: q+k {ms * 1e3:.1f} us "
+              f"({gbs:.0f} GB/s)", flush=True)
 
 
 def auto_main(quick: bool) -> int:
@@ -490,11 +473,8 @@ def auto_main(quick: bool) -> int:
     for sim, cdf in cases:
         mask = fs.masks.meansim(sim, cdfthreshd=cdf)
         got = mask.predict(q, k)
-        os.environ["FLEXSPARSE_COMPILE"] = "0"
-        try:
+        with mock.patch.dict(os.environ, {"FLEXSPARSE_COMPILE": "0"}):
             want = mask.predict(q, k)
-        finally:
-            del os.environ["FLEXSPARSE_COMPILE"]
         diffs.append(f"{sim}/{cdf}: {(got != want).sum().item()} of {got.numel()}")
     notes = [
         "default predictor vs eager PyTorch path, tiles that differ: " + ", ".join(diffs),

@@ -21,6 +21,7 @@ import argparse
 import functools
 import os
 import sys
+from unittest import mock
 
 import torch
 
@@ -554,11 +555,8 @@ def partial_part(gen, flex) -> list[dict]:
     rows = []
 
     def quant(q, k, v, bm, gather):
-        Q.BITS_GATHER = gather
-        try:
+        with mock.patch.object(Q, "BITS_GATHER", gather):
             return ms_of(functools.partial(quant_attention, q, k, v, block_mask=bm))
-        finally:
-            Q.BITS_GATHER = False
 
     def kept_tiles(bm) -> tuple[float, float]:
         lists = tile_lists(bm)
