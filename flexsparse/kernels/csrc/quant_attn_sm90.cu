@@ -28,6 +28,7 @@
 #include <stdio.h>
 
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 
 #include "wgmma.cuh"
@@ -686,18 +687,21 @@ int make_map(CUtensorMap* map, CUtensorMapDataType type, int rank, void* addr,
   return 0;
 }
 
-// The current device's multiprocessor count, asked once per device.
+// The current device's multiprocessor count, asked once per device (atomics: host threads
+// may launch at once).
 cudaError_t multiprocessors(int* sms) {
-  static int known[64] = {};
+  static std::atomic<int> known[64] = {};
   int device = 0;
   cudaError_t e = cudaGetDevice(&device);
   if (e != cudaSuccess) return e;
   if (device >= 64) return cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device);
-  if (known[device] == 0) {
-    e = cudaDeviceGetAttribute(&known[device], cudaDevAttrMultiProcessorCount, device);
+  int count = known[device].load(std::memory_order_relaxed);
+  if (count == 0) {
+    e = cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
     if (e != cudaSuccess) return e;
+    known[device].store(count, std::memory_order_relaxed);
   }
-  *sms = known[device];
+  *sms = count;
   return cudaSuccess;
 }
 
