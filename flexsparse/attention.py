@@ -299,8 +299,10 @@ def _census(mask: Mask, q_len: int, kv_len: int, device) -> tuple[tuple[int, int
     return size, TileCounts(states.numel() - partial - full, partial, full)
 
 
-#: Build a predicted map's BlockMask before its tile count is read back (CUDA). Benchmarks
-#: flip it.
+#: Build a predicted map's BlockMask before its tile count is read back (CUDA). H100,
+#: ``benchmarks/lowering.py``: 2-3 % faster where the prediction runs (meansim 0.35/0.98,
+#: 0.3/0.9), 3-4 % slower where ``auto`` drops it (0.6/0.98: the build is wasted).
+#: Benchmarks flip it.
 PRELOWER = True
 
 
