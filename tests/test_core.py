@@ -259,6 +259,40 @@ def test_compiled_flex_on_cpu():
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
 
 
+def _tile_map_mask() -> fs.Mask:
+    """A map of whole 128 x 128 tiles (no partial tile: a ``noop_mask`` candidate)."""
+    kept = torch.rand(4, 4, generator=torch.Generator().manual_seed(0)) < 0.5
+    kept[:, 0] = True
+    return fs.Mask.from_tiles(kept, 128)
+
+
+def test_flex_traced_by_an_outer_compile_keeps_the_mask():
+    """Inside a caller's ``torch.compile`` our compiled FlexAttention is traced into their
+    graph; with ``backend="eager"`` it runs the eager path, which applies ``mask_mod`` only.
+    A map of whole tiles must then keep its rule, not ``noop_mask`` (which gave the
+    unmasked answer, max error 0.44, with no error raised)."""
+    mask = _tile_map_mask()
+    q, k, v = qkv(1, 2, 2, 512, 512, d=32, dtype=torch.float32)
+    ref = fs.reference(q, k, v, mask)
+    fs.attention(q, k, v, mask, backend="flex")  # warm: a BlockMask is not built in a trace
+    torch._dynamo.reset()
+    traced = torch.compile(lambda q, k, v: fs.attention(q, k, v, mask, backend="flex",
+                                                        compile=True),
+                           fullgraph=True, backend="eager")
+    torch.testing.assert_close(traced(q, k, v).double(), ref, atol=1e-5, rtol=0)
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compiled_flex_on_cpu_on_a_map_of_whole_tiles():
+    """torch 2.13's compiled FlexAttention on the CPU does not build with ``noop_mask`` and
+    no partial tile (a C++ compile error): such maps keep their rule there."""
+    mask = _tile_map_mask()
+    q, k, v = qkv(1, 2, 2, 512, 512, d=16, dtype=torch.float32)
+    out = fs.attention(q, k, v, mask, backend="flex", compile=True)
+    torch.testing.assert_close(out.double(), fs.reference(q, k, v, mask), atol=1e-5, rtol=0)
+
+
 def test_explain_choices():
     q, k, v = qkv(1, 2, 2, 64, 64)
     assert fs.explain(q, k, v, None).backend == "sdpa"
