@@ -32,6 +32,7 @@ from torch.nn.attention.flex_attention import (
     BlockMask,
     and_masks,
     create_block_mask,
+    noop_mask,
     or_masks,
 )
 
@@ -352,6 +353,15 @@ class Mask:
         if hit is not None:
             return hit
         mod = self._offset_mask_mod(kv_len - q_len, device)
+        if not noop:
+            # The same map with noop_mask may be cached (compiled calls ask for it first):
+            # its lists with the rule put back. No build, so this also works while Dynamo
+            # traces a caller's compiled model that eager FlexAttention will run.
+            twin = self._cache_get(self._block_mask_cache, key[:-2] + (True, backward))
+            if twin is not None and twin.mask_mod is noop_mask:
+                bm = T.with_rule(twin, mod)
+                self._cache_put(self._block_mask_cache, key, bm)
+                return bm
         if self.has_tile_rule:
             states = self.tile_states(q_len, kv_len, (bq, bk), device)
             # A block-granular map at its own tiles, rows on a tile boundary: no partial

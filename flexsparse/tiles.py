@@ -294,6 +294,36 @@ def to_block_mask(
     return bm
 
 
+def with_rule(block_mask: BlockMask, mask_mod) -> BlockMask:
+    """A partial-free ``block_mask`` that carries ``noop_mask`` (``to_block_mask(noop=True)``)
+    with ``mask_mod`` instead: the same lists, so no tile work and no host read, which also
+    holds inside a ``torch.compile`` trace. For eager FlexAttention, which applies only
+    ``mask_mod``."""
+    if block_mask.mask_mod is not noop_mask or not partial_free(block_mask):
+        raise ValueError("with_rule takes a partial-free BlockMask that carries noop_mask")
+
+    def unlisted(idx: Tensor | None) -> Tensor | None:
+        # The empty partial lists of a noop map share the full lists' index tensor
+        # (``_none_listed``); these get their own, as ``_ordered`` gives for no selected
+        # tile (every column, ascending). torch 2.13's compiled FlexAttention on the CPU
+        # fails to build on the aliased inputs once a rule is present (a C++ compile error).
+        if idx is None:
+            return None
+        cols = torch.arange(idx.shape[-1], dtype=idx.dtype, device=idx.device)
+        return cols.expand(idx.shape).contiguous()
+
+    bm = _block_mask(
+        tuple(block_mask.seq_lengths),
+        (block_mask.kv_num_blocks, unlisted(block_mask.kv_indices)),
+        (block_mask.full_kv_num_blocks, block_mask.full_kv_indices),
+        (block_mask.q_num_blocks, unlisted(block_mask.q_indices)),
+        (block_mask.full_q_num_blocks, block_mask.full_q_indices),
+        tuple(block_mask.BLOCK_SIZE), mask_mod, block_mask.q_indices is not None,
+    )
+    _PARTIAL_FREE.add(bm)
+    return bm
+
+
 def _none_listed(like: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     """Lists of no tile shaped as ``like``: zero counts (the index tensor is never read
     past the counts, so ``like``'s is reused)."""

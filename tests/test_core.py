@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.nn.attention.flex_attention import create_block_mask
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention, noop_mask
 
 import flexsparse as fs
 from flexsparse import masks
@@ -281,6 +281,28 @@ def test_flex_traced_by_an_outer_compile_keeps_the_mask():
                            fullgraph=True, backend="eager")
     torch.testing.assert_close(traced(q, k, v).double(), ref, atol=1e-5, rtol=0)
     torch._dynamo.reset()
+
+
+def test_the_rule_put_back_on_a_cached_noop_map_inside_a_trace():
+    """On CUDA an untraced call caches a map's BlockMask with ``noop_mask``; a call traced by
+    a caller's ``torch.compile`` asks for the same map with its rule (eager FlexAttention
+    may run it). That one is the cached lists with the rule put back: no build (which a
+    trace cannot do), the mask applied."""
+    mask = _tile_map_mask()
+    q, k, v = qkv(1, 2, 2, 512, 512, d=32, dtype=torch.float32)
+    noop = mask.block_mask(512, 512, block_size=128, noop=True, backward=False)
+    assert noop.mask_mod is noop_mask
+
+    def attend(q, k, v):
+        bm = mask.block_mask(512, 512, block_size=128, noop=False, backward=False)
+        return flex_attention(q, k, v, block_mask=bm)
+
+    torch._dynamo.reset()
+    out = torch.compile(attend, fullgraph=True, backend="eager")(q, k, v)
+    torch._dynamo.reset()
+    torch.testing.assert_close(out.double(), fs.reference(q, k, v, mask), atol=1e-5, rtol=0)
+    ruled = mask.block_mask(512, 512, block_size=128, noop=False, backward=False)
+    assert ruled.mask_mod is not noop_mask and ruled.full_kv_indices is noop.full_kv_indices
 
 
 @pytest.mark.slow
