@@ -12,7 +12,6 @@ computed once however many backends look at it.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -111,10 +110,13 @@ class AttentionCall:
         if self.census is not None and self.census[0] == tuple(block_size):
             return self.census[1]
         bm = self.block_mask(block_size)
-        hit = _COUNTS.get(bm)
+        # Kept on the BlockMask itself, not in a weak-keyed table: Dynamo traces this
+        # lookup in a caller's compiled model, and a table that the garbage collector
+        # shrinks while Dynamo reads it fails the compile ("dictionary changed size").
+        hit = getattr(bm, "_flexsparse_counts", None)
         if hit is None:
             hit = _count_tiles(bm)
-            _COUNTS[bm] = hit
+            bm._flexsparse_counts = hit
         return hit
 
 
@@ -140,9 +142,6 @@ class TileCounts:
     def kept_fraction(self) -> float:
         """Fraction of tiles computed (partial or full)."""
         return (self.partial + self.full) / max(1, self.total)
-
-
-_COUNTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _count_tiles(bm: BlockMask) -> TileCounts:

@@ -26,15 +26,15 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 _PROBE_POINTS = 16
 #: mask_mod -> whether its broadcast evaluation was found right (checked once per rule).
 _BROADCASTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-#: BlockMasks built by ``to_block_mask`` with no partial tile (their ``kv_*`` lists are
-#: empty by construction): kernels skip looking for partial tiles in them.
-_PARTIAL_FREE: weakref.WeakSet = weakref.WeakSet()
 
 
 def partial_free(block_mask: BlockMask) -> bool:
     """True when ``block_mask`` is known to list no partial tile (built by
-    ``to_block_mask`` from states without any); False means "not known"."""
-    return block_mask in _PARTIAL_FREE
+    ``to_block_mask`` from states without any); False means "not known". Kernels then
+    skip looking for partial tiles."""
+    # An attribute of the BlockMask, not a weak set: Dynamo reads it while tracing, and a
+    # set the garbage collector shrinks meanwhile fails the compile.
+    return getattr(block_mask, "_flexsparse_partial_free", False)
 
 
 @dataclass(frozen=True)
@@ -290,7 +290,7 @@ def to_block_mask(
         (block_q, block_kv), mask_mod, backward,
     )
     if not has_partial:
-        _PARTIAL_FREE.add(bm)
+        bm._flexsparse_partial_free = True
     return bm
 
 
@@ -320,7 +320,7 @@ def with_rule(block_mask: BlockMask, mask_mod) -> BlockMask:
         (block_mask.full_q_num_blocks, block_mask.full_q_indices),
         tuple(block_mask.BLOCK_SIZE), mask_mod, block_mask.q_indices is not None,
     )
-    _PARTIAL_FREE.add(bm)
+    bm._flexsparse_partial_free = True
     return bm
 
 
