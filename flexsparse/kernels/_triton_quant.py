@@ -2,9 +2,10 @@
 arithmetic, which ``quant_reference`` mirrors in PyTorch).
 
 Launches per call:
-  1. ``_quant_rows``: Q (times ``scale * log2(e)``) and smoothed K to INT8, one fp32
-     scale per block of rows, padded rows written as zeros; one pass each. (Quantizing
-     Q inside ``_attn`` instead, in registers, measured 10-25 % slower dense;
+  1. ``_k_sample_sums`` (the sums of ``quant.k_mean``'s sample, in parts), then
+     ``_quant_qk``: Q (times ``scale * log2(e)``) and smoothed K to INT8 in one grid, one
+     fp32 scale per block of rows, padded rows written as zeros. (Quantizing Q inside
+     ``_attn`` instead, in registers, measured 10-25 % slower dense;
      docs/kernel_notes.md.)
   2. ``_quant_v``, only when V must change format: to FP8 e4m3 with a per-channel scale,
      stored transposed ``[B, H, D, N_pad]`` so that the P·V product reads it K-major
@@ -38,19 +39,13 @@ PVT_SLACK = tl.constexpr(2.0**-10)
 
 
 @triton.jit
-def _quant_rows(
-    X, Mean, Out, Scale,
-    sxb, sxh, sxn,
-    H, N, N_PAD, NB,
-    mul,
+def _quant_block(
+    X, Mean, Out, Scale, sxb, sxh, sxn, blk, bh, H, N, N_PAD, NB, mul,
     HAS_MEAN: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
 ):
-    """One block of ``BLOCK`` rows of one (b, h): ``x * mul - mean`` -> int8 + fp32 scale.
-
-    X: [B, H, N, D] (last dim contiguous). Out: int8 [B, H, N_PAD, D]. Scale: [B, H, NB].
-    """
-    blk = tl.program_id(0)
-    bh = tl.program_id(1)
+    """Block ``blk`` of ``BLOCK`` rows of (b, h) = divmod(bh, H): ``x * mul - mean`` ->
+    int8 + fp32 scale. X: [B, H, N, D] (last dim contiguous). Mean: fp32 [D] (HAS_MEAN).
+    Out: int8 [B, H, N_PAD, D], padded rows written as zeros. Scale: [B, H, NB]."""
     b = bh // H
     h = bh % H
     rows = blk * BLOCK + tl.arange(0, BLOCK)
@@ -60,8 +55,7 @@ def _quant_rows(
     x = tl.load(src + rows[:, None] * sxn + cols[None, :], mask=valid[:, None], other=0.0)
     x = x.to(tl.float32) * mul
     if HAS_MEAN:
-        mean = tl.load(Mean + bh.to(tl.int64) * D + cols)
-        x = tl.where(valid[:, None], x - mean[None, :], 0.0)
+        x = tl.where(valid[:, None], x - Mean[None, :], 0.0)
     amax = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), AMAX_EPS)
     y = x * (127.0 / amax)
     # Round half away from zero (the float->int conversion truncates).
@@ -69,6 +63,56 @@ def _quant_rows(
     dst = Out + bh.to(tl.int64) * N_PAD * D
     tl.store(dst + rows[:, None] * D + cols[None, :], y, mask=(rows < N_PAD)[:, None])
     tl.store(Scale + bh.to(tl.int64) * NB + blk, amax / 127.0)
+
+
+@triton.jit
+def _k_sample_sums(
+    K, Part, skb, skh, skn, H, N, STEP, PARTS,
+    CHUNK: tl.constexpr, D: tl.constexpr,
+):
+    """Partial sums of ``quant.k_mean``'s sample: program (part, bh) adds up keys
+    ``STEP * i`` for i in ``[part * CHUNK, part * CHUNK + CHUNK)`` (those below N) of
+    (b, h) = divmod(bh, H) into Part [B * H, PARTS, D] (fp32)."""
+    part = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = (part * CHUNK + tl.arange(0, CHUNK)) * STEP
+    cols = tl.arange(0, D)
+    src = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+    x = tl.load(src + rows[:, None].to(tl.int64) * skn + cols[None, :],
+                mask=(rows < N)[:, None], other=0.0)
+    tl.store(Part + (bh.to(tl.int64) * PARTS + part) * D + cols, tl.sum(x.to(tl.float32), 0))
+
+
+@triton.jit
+def _quant_qk(
+    Q, K, Part, QOut, QScale, KOut, KScale,
+    sqb, sqh, sqn, skb, skh, skn,
+    HQ, HKV, NQ, NQ_PAD, NQB, NK, NK_PAD, NKB, Q_PROGS, PARTS, n_samples, q_mul,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, PARTS_P2: tl.constexpr,
+):
+    """Q and smoothed K to INT8 in one launch (``quant.py``, steps 1 and 2): one program
+    per block of rows, Q's first.
+
+    Programs ``[0, Q_PROGS = NQB * B * HQ)`` take a ``BLOCK_Q``-row block of Q (times
+    ``q_mul``), the rest a ``BLOCK_K``-row block of K minus its (b, h)'s sample mean: the
+    sum of ``Part`` [B * HKV, PARTS, D] (``_k_sample_sums``) over ``n_samples``."""
+    pid = tl.program_id(0)
+    q_progs = Q_PROGS
+    if pid < q_progs:
+        _quant_block(Q, Q, QOut, QScale, sqb, sqh, sqn, pid % NQB, pid // NQB, HQ, NQ,
+                     NQ_PAD, NQB, q_mul, HAS_MEAN=False, BLOCK=BLOCK_Q, D=D)
+    else:
+        pid -= q_progs
+        bh = pid // NKB
+        parts = tl.arange(0, PARTS_P2)
+        cols = tl.arange(0, D)
+        sums = tl.load(Part + (bh.to(tl.int64) * PARTS + parts[:, None]) * D + cols[None, :],
+                       mask=(parts < PARTS)[:, None], other=0.0)
+        mean = tl.sum(sums, 0) / n_samples
+        _quant_block(K, mean, KOut, KScale, skb, skh, skn, pid % NKB, bh, HKV, NK, NK_PAD,
+                     NKB, 1.0, HAS_MEAN=True, BLOCK=BLOCK_K, D=D)
 
 
 @triton.jit

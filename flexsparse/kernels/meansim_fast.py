@@ -149,4 +149,5 @@ def select(
 
 
 def triton_next_pow2(n: int) -> int:
+    """The smallest power of two >= n (Triton's block shapes)."""
     return 1 << max(0, n - 1).bit_length()

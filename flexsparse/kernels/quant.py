@@ -574,6 +574,54 @@ def _list_strides(t: Tensor, dims: int) -> list[int]:
     return [t.stride(i) if t.shape[i] > 1 else 0 for i in range(dims)]
 
 
+#: Keys of ``k_mean``'s sample per program of ``_k_sample_sums``.
+K_SUM_CHUNK = 256
+
+
+def _quantize_qk(K, q: Tensor, k: Tensor, q_mul: float, nq_pad: int, nk_pad: int,
+                 block_n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Steps 1 and 2 of the arithmetic in two launches: ``k_mean``'s sample summed in
+    parts, then Q and K quantized by one grid (one launch and the K mean's PyTorch
+    reduction fewer than a launch each: the host time of both precedes the kernel's).
+
+    Args:
+        K: the ``_triton_quant`` module; q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nk, D]`` with
+        unit last stride; q_mul: Q's factor; nq_pad, nk_pad: padded lengths (multiples of
+        ``BLOCK_M`` and ``block_n``); block_n: K rows per scale.
+
+    Returns:
+        ``qi`` int8 ``[B, Hq, nq_pad, D]``, ``qs`` fp32 ``[B, Hq, nq_pad / BLOCK_M]``,
+        ``ki`` int8 ``[B, Hkv, nk_pad, D]``, ``ks`` fp32 ``[B, Hkv, nk_pad / block_n]``.
+    """
+    from .meansim_fast import triton_next_pow2
+
+    bsz, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    nqb, nkb = nq_pad // BLOCK_M, nk_pad // block_n
+    dev = q.device
+    step = max(1, nk // K_MEAN_SAMPLES)  # k_mean's sample: keys 0, step, 2 step, ...
+    n_samples = -(-nk // step)
+    parts = -(-n_samples // K_SUM_CHUNK)
+    part_sums = torch.empty(bsz * hkv, parts, d, dtype=torch.float32, device=dev)
+    K._k_sample_sums[(parts, bsz * hkv)](
+        k, part_sums, k.stride(0), k.stride(1), k.stride(2), hkv, nk, step, parts,
+        CHUNK=K_SUM_CHUNK, D=d, num_warps=4,
+    )
+    qi = torch.empty(bsz, hq, nq_pad, d, dtype=torch.int8, device=dev)
+    qs = torch.empty(bsz, hq, nqb, dtype=torch.float32, device=dev)
+    ki = torch.empty(bsz, hkv, nk_pad, d, dtype=torch.int8, device=dev)
+    ks = torch.empty(bsz, hkv, nkb, dtype=torch.float32, device=dev)
+    q_progs = nqb * bsz * hq
+    K._quant_qk[(q_progs + nkb * bsz * hkv,)](
+        q, k, part_sums, qi, qs, ki, ks,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        hq, hkv, nq, nq_pad, nqb, nk, nk_pad, nkb, q_progs, parts, float(n_samples), q_mul,
+        BLOCK_Q=BLOCK_M, BLOCK_K=block_n, D=d, PARTS_P2=triton_next_pow2(parts),
+        num_warps=4,
+    )
+    return qi, qs, ki, ks
+
+
 def quant_attention(
     q: Tensor,
     k: Tensor,
@@ -680,19 +728,7 @@ def quant_attention(
     nkb = nk_pad // block_n
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    qi = torch.empty(bsz, hq, nq_pad, d, dtype=torch.int8, device=dev)
-    qs = torch.empty(bsz, hq, nqb, dtype=torch.float32, device=dev)
-    K._quant_rows[(nqb, bsz * hq)](
-        q, q, qi, qs, q.stride(0), q.stride(1), q.stride(2), hq, nq, nq_pad, nqb,
-        scale * LOG2E, HAS_MEAN=False, BLOCK=BLOCK_M, D=d, num_warps=4,
-    )
-    ki = torch.empty(bsz, hkv, nk_pad, d, dtype=torch.int8, device=dev)
-    ks = torch.empty(bsz, hkv, nkb, dtype=torch.float32, device=dev)
-    mean = k_mean(k).contiguous()
-    K._quant_rows[(nkb, bsz * hkv)](
-        k, mean, ki, ks, k.stride(0), k.stride(1), k.stride(2), hkv, nk, nk_pad, nkb,
-        1.0, HAS_MEAN=True, BLOCK=block_n, D=d, num_warps=4,
-    )
+    qi, qs, ki, ks = _quantize_qk(K, q, k, scale * LOG2E, nq_pad, nk_pad, block_n)
     sv = ks  # read only with fp8 P·V
     if fp8:
         sv = v_channel_scale(v).contiguous()

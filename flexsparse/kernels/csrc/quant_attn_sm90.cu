@@ -570,9 +570,11 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
       bar_wait(full_k + s, parity);
       if (pairs && !(stage_info[s].tiles & my_tile)) {  // a block only the other tile keeps
         release(empty_k + s);
-        // The pending P·V first: the copies wait for its V stage to be released, and
-        // this warpgroup's next product needs a block it keeps, maybe STAGES away.
-        if (prev >= 0) finish_pv();
+        // The pending P·V stays pending (its next kept block issues it with its scores)
+        // unless this stage is its V's: this round's copy into it waits for that V to be
+        // released, so the wait below would never end. Skips nearer than STAGES are safe:
+        // their copies wait only on blocks every warpgroup has released.
+        if (s == prev) finish_pv();
         // V's "empty" arrival waits for this round's copy: an earlier one could count
         // towards the previous round, while other warps still read that V.
         bar_wait(full_v + s, parity);
