@@ -443,7 +443,7 @@ _PREPASS = _INTERPRETER_FIX + textwrap.dedent(
 
 
 def test_quantization_launches_match_the_pytorch_helpers():
-    """``_quantize_qk`` (the sampled K sums, then Q and K in one grid) against
+    """``_quantize_qk`` (Q with the sampled K sums, then K) against
     ``quantize_blocks`` and ``k_mean``, in the Triton interpreter."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")

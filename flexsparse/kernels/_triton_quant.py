@@ -2,11 +2,10 @@
 arithmetic, which ``quant_reference`` mirrors in PyTorch).
 
 Launches per call:
-  1. ``_k_sample_sums`` (the sums of ``quant.k_mean``'s sample, in parts), then
-     ``_quant_qk``: Q (times ``scale * log2(e)``) and smoothed K to INT8 in one grid, one
-     fp32 scale per block of rows, padded rows written as zeros. (Quantizing Q inside
-     ``_attn`` instead, in registers, measured 10-25 % slower dense;
-     docs/kernel_notes.md.)
+  1. ``_quant_q_sum_k`` (Q to INT8, and the sums of ``quant.k_mean``'s sample of K, in
+     parts), then ``_quant_k`` (smoothed K to INT8): one fp32 scale per block of rows,
+     padded rows written as zeros. (Quantizing Q inside ``_attn`` instead, in registers,
+     measured 10-25 % slower dense; docs/kernel_notes.md.)
   2. ``_quant_v``, only when V must change format: to FP8 e4m3 with a per-channel scale,
      stored transposed ``[B, H, D, N_pad]`` so that the P·V product reads it K-major
      (what fp8 MMA wants), or to the other 16-bit float ``[B, H, N_pad, D]``. When the
@@ -66,38 +65,18 @@ def _quant_block(
 
 
 @triton.jit
-def _k_sample_sums(
-    K, Part, skb, skh, skn, H, N, STEP, PARTS,
-    CHUNK: tl.constexpr, D: tl.constexpr,
-):
-    """Partial sums of ``quant.k_mean``'s sample: program (part, bh) adds up keys
-    ``STEP * i`` for i in ``[part * CHUNK, part * CHUNK + CHUNK)`` (those below N) of
-    (b, h) = divmod(bh, H) into Part [B * H, PARTS, D] (fp32)."""
-    part = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    rows = (part * CHUNK + tl.arange(0, CHUNK)) * STEP
-    cols = tl.arange(0, D)
-    src = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
-    x = tl.load(src + rows[:, None].to(tl.int64) * skn + cols[None, :],
-                mask=(rows < N)[:, None], other=0.0)
-    tl.store(Part + (bh.to(tl.int64) * PARTS + part) * D + cols, tl.sum(x.to(tl.float32), 0))
-
-
-@triton.jit
-def _quant_qk(
-    Q, K, Part, QOut, QScale, KOut, KScale,
+def _quant_q_sum_k(
+    Q, K, QOut, QScale, Part,
     sqb, sqh, sqn, skb, skh, skn,
-    HQ, HKV, NQ, NQ_PAD, NQB, NK, NK_PAD, NKB, Q_PROGS, PARTS, n_samples, q_mul,
-    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, PARTS_P2: tl.constexpr,
+    HQ, HKV, NQ, NQ_PAD, NQB, NK, Q_PROGS, STEP, PARTS, q_mul,
+    BLOCK_Q: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr,
 ):
-    """Q and smoothed K to INT8 in one launch (``quant.py``, steps 1 and 2): one program
-    per block of rows, Q's first.
+    """Q to INT8, and the sums of ``quant.k_mean``'s sample of K, in one grid.
 
-    Programs ``[0, Q_PROGS = NQB * B * HQ)`` take a ``BLOCK_Q``-row block of Q (times
-    ``q_mul``), the rest a ``BLOCK_K``-row block of K minus its (b, h)'s sample mean: the
-    sum of ``Part`` [B * HKV, PARTS, D] (``_k_sample_sums``) over ``n_samples``."""
+    Programs ``[0, Q_PROGS = NQB * B * HQ)`` quantize a ``BLOCK_Q``-row block of Q (times
+    ``q_mul``) into QOut / QScale. Program ``Q_PROGS + bh * PARTS + part`` adds up keys
+    ``STEP * i`` of (b, h) = divmod(bh, HKV), i in ``[part * CHUNK, part * CHUNK + CHUNK)``
+    (those below NK), into Part [B * HKV, PARTS, D] (fp32)."""
     pid = tl.program_id(0)
     q_progs = Q_PROGS
     if pid < q_progs:
@@ -105,14 +84,36 @@ def _quant_qk(
                      NQ_PAD, NQB, q_mul, HAS_MEAN=False, BLOCK=BLOCK_Q, D=D)
     else:
         pid -= q_progs
-        bh = pid // NKB
-        parts = tl.arange(0, PARTS_P2)
+        part = pid % PARTS
+        bh = pid // PARTS
+        b = bh // HKV
+        h = bh % HKV
+        rows = (part * CHUNK + tl.arange(0, CHUNK)) * STEP
         cols = tl.arange(0, D)
-        sums = tl.load(Part + (bh.to(tl.int64) * PARTS + parts[:, None]) * D + cols[None, :],
-                       mask=(parts < PARTS)[:, None], other=0.0)
-        mean = tl.sum(sums, 0) / n_samples
-        _quant_block(K, mean, KOut, KScale, skb, skh, skn, pid % NKB, bh, HKV, NK, NK_PAD,
-                     NKB, 1.0, HAS_MEAN=True, BLOCK=BLOCK_K, D=D)
+        src = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+        x = tl.load(src + rows[:, None].to(tl.int64) * skn + cols[None, :],
+                    mask=(rows < NK)[:, None], other=0.0)
+        tl.store(Part + (bh.to(tl.int64) * PARTS + part) * D + cols,
+                 tl.sum(x.to(tl.float32), 0))
+
+
+@triton.jit
+def _quant_k(
+    K, Part, KOut, KScale, skb, skh, skn, HKV, NK, NK_PAD, NKB, PARTS, n_samples,
+    BLOCK_K: tl.constexpr, D: tl.constexpr, PARTS_P2: tl.constexpr,
+):
+    """Block ``program_id(0)`` of ``BLOCK_K`` rows of K (b, h) = divmod(program_id(1),
+    HKV), minus the sample mean (``Part`` [B * HKV, PARTS, D] summed, over
+    ``n_samples``), to INT8."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    parts = tl.arange(0, PARTS_P2)
+    cols = tl.arange(0, D)
+    sums = tl.load(Part + (bh.to(tl.int64) * PARTS + parts[:, None]) * D + cols[None, :],
+                   mask=(parts < PARTS)[:, None], other=0.0)
+    mean = tl.sum(sums, 0) / n_samples
+    _quant_block(K, mean, KOut, KScale, skb, skh, skn, blk, bh, HKV, NK, NK_PAD, NKB, 1.0,
+                 HAS_MEAN=True, BLOCK=BLOCK_K, D=D)
 
 
 @triton.jit

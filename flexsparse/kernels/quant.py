@@ -574,15 +574,16 @@ def _list_strides(t: Tensor, dims: int) -> list[int]:
     return [t.stride(i) if t.shape[i] > 1 else 0 for i in range(dims)]
 
 
-#: Keys of ``k_mean``'s sample per program of ``_k_sample_sums``.
+#: Keys of ``k_mean``'s sample per program that sums them (``_quant_q_sum_k``).
 K_SUM_CHUNK = 256
 
 
 def _quantize_qk(K, q: Tensor, k: Tensor, q_mul: float, nq_pad: int, nk_pad: int,
                  block_n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Steps 1 and 2 of the arithmetic in two launches: ``k_mean``'s sample summed in
-    parts, then Q and K quantized by one grid (one launch and the K mean's PyTorch
-    reduction fewer than a launch each: the host time of both precedes the kernel's).
+    """Steps 1 and 2 of the arithmetic in two launches: Q with the sums of ``k_mean``'s
+    sample (in parts), then K. Two launches and no PyTorch reduction, the long Q pass
+    first: the GPU works on it while the host prepares the next launch, so little of the
+    host time shows in a synchronised call.
 
     Args:
         K: the ``_triton_quant`` module; q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nk, D]`` with
@@ -602,21 +603,21 @@ def _quantize_qk(K, q: Tensor, k: Tensor, q_mul: float, nq_pad: int, nk_pad: int
     step = max(1, nk // K_MEAN_SAMPLES)  # k_mean's sample: keys 0, step, 2 step, ...
     n_samples = -(-nk // step)
     parts = -(-n_samples // K_SUM_CHUNK)
-    part_sums = torch.empty(bsz * hkv, parts, d, dtype=torch.float32, device=dev)
-    K._k_sample_sums[(parts, bsz * hkv)](
-        k, part_sums, k.stride(0), k.stride(1), k.stride(2), hkv, nk, step, parts,
-        CHUNK=K_SUM_CHUNK, D=d, num_warps=4,
-    )
     qi = torch.empty(bsz, hq, nq_pad, d, dtype=torch.int8, device=dev)
     qs = torch.empty(bsz, hq, nqb, dtype=torch.float32, device=dev)
+    part_sums = torch.empty(bsz * hkv, parts, d, dtype=torch.float32, device=dev)
+    q_progs = nqb * bsz * hq
+    K._quant_q_sum_k[(q_progs + parts * bsz * hkv,)](
+        q, k, qi, qs, part_sums,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        hq, hkv, nq, nq_pad, nqb, nk, q_progs, step, parts, q_mul,
+        BLOCK_Q=BLOCK_M, CHUNK=K_SUM_CHUNK, D=d, num_warps=4,
+    )
     ki = torch.empty(bsz, hkv, nk_pad, d, dtype=torch.int8, device=dev)
     ks = torch.empty(bsz, hkv, nkb, dtype=torch.float32, device=dev)
-    q_progs = nqb * bsz * hq
-    K._quant_qk[(q_progs + nkb * bsz * hkv,)](
-        q, k, part_sums, qi, qs, ki, ks,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        hq, hkv, nq, nq_pad, nqb, nk, nk_pad, nkb, q_progs, parts, float(n_samples), q_mul,
-        BLOCK_Q=BLOCK_M, BLOCK_K=block_n, D=d, PARTS_P2=triton_next_pow2(parts),
+    K._quant_k[(nkb, bsz * hkv)](
+        k, part_sums, ki, ks, k.stride(0), k.stride(1), k.stride(2), hkv, nk, nk_pad, nkb,
+        parts, float(n_samples), BLOCK_K=block_n, D=d, PARTS_P2=triton_next_pow2(parts),
         num_warps=4,
     )
     return qi, qs, ki, ks

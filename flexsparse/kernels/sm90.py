@@ -231,7 +231,7 @@ def attention(
     """Runs the kernel into ``out``.
 
     Args:
-        qi: int8 ``[B, Hq, NQ_PAD, D]`` (``_quant_qk`` at 128 rows); qs: fp32
+        qi: int8 ``[B, Hq, NQ_PAD, D]`` (``_quant_q_sum_k`` at 128 rows); qs: fp32
             ``[B, Hq, NQ_PAD / 128]``.
         ki: int8 ``[B, Hkv, NK_PAD, D]`` quantized per ``block_n`` rows; ks: fp32
             ``[B, Hkv, NK_PAD / block_n]``.
