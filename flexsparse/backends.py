@@ -199,7 +199,11 @@ class FlexBackend:
         compiled = use_compile(call.device, call.compile)
         bm = call.block_mask(tile_size(call), noop=noop_safe(call, compiled))
         fn = compiled_flex() if compiled else flex_attention
-        options = kernel_options(bm.BLOCK_SIZE, call.q, fn is not flex_attention)
+        # From `compiled`, not from which callable `fn` is: while a caller's
+        # torch.compile traces this call, compiled_flex() comes back as flex_attention
+        # itself, and its kernel then ran with torch's default options (H100, CogVideoX-2b
+        # radial map: 12.0 ms against 6.9 untraced; BENCHMARKS.md, 2026-11-26).
+        options = kernel_options(bm.BLOCK_SIZE, call.q, compiled)
         kw = {"kernel_options": options} if options else {}
         q, k, v = distinct(call.q, call.k, call.v)
         return fn(q, k, v, block_mask=bm, scale=call.scale, enable_gqa=call.gqa, **kw)
