@@ -152,6 +152,7 @@ def test_flex_traced_by_a_callers_compile_keeps_its_kernel_options():
                 seen.append(node.args[6])  # q, k, v, score_mod, block_mask, scale, options
         return gm.forward
 
+    fs.attention(q, k, v, mask, backend="flex")  # fullgraph needs the mask cache warm
     torch._dynamo.reset()
     traced = torch.compile(lambda q, k, v: fs.attention(q, k, v, mask, backend="flex"),
                            fullgraph=True, backend=record)
