@@ -354,12 +354,14 @@ class Mask:
             return hit
         mod = self._offset_mask_mod(kv_len - q_len, device)
         if not noop:
-            # The same map with noop_mask may be cached (compiled calls ask for it first):
-            # its lists with the rule put back. No build, so this also works while Dynamo
-            # traces a caller's compiled model that eager FlexAttention will run.
+            # The map asked for with noop=True may be cached (compiled calls on CUDA ask for
+            # it first): with noop_mask its lists get the rule put back; a map with partial
+            # tiles kept its rule and is this one. No build, so this also works while Dynamo
+            # traces a caller's compiled model (which asks for the rule: eager FlexAttention
+            # may run it), where a build fails.
             twin = self._cache_get(self._block_mask_cache, key[:-2] + (True, backward))
-            if twin is not None and twin.mask_mod is noop_mask:
-                bm = T.with_rule(twin, mod)
+            if twin is not None:
+                bm = T.with_rule(twin, mod) if twin.mask_mod is noop_mask else twin
                 self._cache_put(self._block_mask_cache, key, bm)
                 return bm
         if self.has_tile_rule:

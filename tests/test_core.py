@@ -333,6 +333,27 @@ def test_the_rule_put_back_on_a_cached_noop_map_inside_a_trace():
     assert ruled.mask_mod is not noop_mask and ruled.full_kv_indices is noop.full_kv_indices
 
 
+def test_a_map_with_partial_tiles_cached_for_compiled_calls_serves_a_trace():
+    """An untraced compiled call (CUDA) caches its map under ``noop=True``; a map with
+    partial tiles keeps its rule there, so it is also the BlockMask a traced call asks for
+    (``noop=False``). Before, the traced call missed the cache and tried to build in the
+    trace, which Dynamo refuses (a fullgraph compile of a warm model failed)."""
+    mask = masks.sliding_window(100) & masks.causal()
+    q, k, v = qkv(1, 2, 2, 300, 300, d=32, dtype=torch.float32)
+    cached = mask.block_mask(300, 300, block_size=128, noop=True, backward=False)
+    assert cached.mask_mod is not noop_mask  # partial tiles: the rule stays
+
+    def attend(q, k, v):
+        bm = mask.block_mask(300, 300, block_size=128, noop=False, backward=False)
+        return flex_attention(q, k, v, block_mask=bm)
+
+    torch._dynamo.reset()
+    out = torch.compile(attend, fullgraph=True, backend="eager")(q, k, v)
+    torch._dynamo.reset()
+    torch.testing.assert_close(out.double(), fs.reference(q, k, v, mask), atol=1e-5, rtol=0)
+    assert mask.block_mask(300, 300, block_size=128, noop=False, backward=False) is cached
+
+
 @pytest.mark.slow
 def test_compiled_flex_on_cpu_on_a_map_of_whole_tiles():
     """torch 2.13's compiled FlexAttention on the CPU does not build with ``noop_mask`` and
