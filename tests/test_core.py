@@ -311,6 +311,22 @@ def test_flex_traced_by_an_outer_compile_asks_for_the_compiled_kernel_options(mo
     assert asked == [True]
 
 
+def _check_rule_lookup_in_a_trace(mask, q, k, v):
+    """FlexAttention on ``mask.block_mask(noop=False)`` looked up inside
+    ``torch.compile(fullgraph=True, backend="eager")`` (a build would fail the trace) gives
+    the float64 reference."""
+    n = q.shape[2]
+
+    def attend(q, k, v):
+        bm = mask.block_mask(n, n, block_size=128, noop=False, backward=False)
+        return flex_attention(q, k, v, block_mask=bm)
+
+    torch._dynamo.reset()
+    out = torch.compile(attend, fullgraph=True, backend="eager")(q, k, v)
+    torch._dynamo.reset()
+    torch.testing.assert_close(out.double(), fs.reference(q, k, v, mask), atol=1e-5, rtol=0)
+
+
 def test_the_rule_put_back_on_a_cached_noop_map_inside_a_trace():
     """On CUDA an untraced call caches a map's BlockMask with ``noop_mask``; a call traced by
     a caller's ``torch.compile`` asks for the same map with its rule (eager FlexAttention
@@ -320,15 +336,7 @@ def test_the_rule_put_back_on_a_cached_noop_map_inside_a_trace():
     q, k, v = qkv(1, 2, 2, 512, 512, d=32, dtype=torch.float32)
     noop = mask.block_mask(512, 512, block_size=128, noop=True, backward=False)
     assert noop.mask_mod is noop_mask
-
-    def attend(q, k, v):
-        bm = mask.block_mask(512, 512, block_size=128, noop=False, backward=False)
-        return flex_attention(q, k, v, block_mask=bm)
-
-    torch._dynamo.reset()
-    out = torch.compile(attend, fullgraph=True, backend="eager")(q, k, v)
-    torch._dynamo.reset()
-    torch.testing.assert_close(out.double(), fs.reference(q, k, v, mask), atol=1e-5, rtol=0)
+    _check_rule_lookup_in_a_trace(mask, q, k, v)
     ruled = mask.block_mask(512, 512, block_size=128, noop=False, backward=False)
     assert ruled.mask_mod is not noop_mask and ruled.full_kv_indices is noop.full_kv_indices
 
@@ -342,15 +350,7 @@ def test_a_map_with_partial_tiles_cached_for_compiled_calls_serves_a_trace():
     q, k, v = qkv(1, 2, 2, 300, 300, d=32, dtype=torch.float32)
     cached = mask.block_mask(300, 300, block_size=128, noop=True, backward=False)
     assert cached.mask_mod is not noop_mask  # partial tiles: the rule stays
-
-    def attend(q, k, v):
-        bm = mask.block_mask(300, 300, block_size=128, noop=False, backward=False)
-        return flex_attention(q, k, v, block_mask=bm)
-
-    torch._dynamo.reset()
-    out = torch.compile(attend, fullgraph=True, backend="eager")(q, k, v)
-    torch._dynamo.reset()
-    torch.testing.assert_close(out.double(), fs.reference(q, k, v, mask), atol=1e-5, rtol=0)
+    _check_rule_lookup_in_a_trace(mask, q, k, v)
     assert mask.block_mask(300, 300, block_size=128, noop=False, backward=False) is cached
 
 
