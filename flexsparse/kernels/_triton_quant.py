@@ -43,7 +43,8 @@ def _quant_block(
     HAS_MEAN: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
 ):
     """Block ``blk`` of ``BLOCK`` rows of (b, h) = divmod(bh, H): ``x * mul - mean`` ->
-    int8 + fp32 scale. X: [B, H, N, D] (last dim contiguous). Mean: fp32 [D] (HAS_MEAN).
+    int8 + fp32 scale. X: [B, H, N, D] (last dim contiguous). Mean: a [D] fp32 block
+    (read only with HAS_MEAN).
     Out: int8 [B, H, N_PAD, D], padded rows written as zeros. Scale: [B, H, NB]."""
     b = bh // H
     h = bh % H
