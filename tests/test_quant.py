@@ -412,7 +412,6 @@ def test_triton_kernel_interpreted():
 _PREPASS = _INTERPRETER_FIX + textwrap.dedent(
     """
     import torch
-    from flexsparse.kernels import _triton_quant as K
     from flexsparse.kernels.quant import _quantize_qk, k_mean, quantize_blocks
 
     g = torch.Generator().manual_seed(1)
@@ -423,7 +422,7 @@ _PREPASS = _INTERPRETER_FIX + textwrap.dedent(
         q = (torch.randn(1, 4, 150, 64, generator=g) * 3).half()
         k = (torch.randn(1, 2, 4 * 2048 + 77, 64, generator=g) + torch.linspace(-6, 6, 64)).half()
         nk_pad = -(-k.shape[2] // 128) * 128
-        qi, qs, ki, ks = _quantize_qk(K, q, k, 0.5, 256, nk_pad, block_n)
+        qi, qs, ki, ks = _quantize_qk(q, k, 0.5, 256, nk_pad, block_n)
         rq, rqs = quantize_blocks(q, 128, 0.5)
         rk, rks = quantize_blocks(k, block_n, 1.0, k_mean(k))
         assert qi.shape == rq.shape and ki.shape == rk.shape, (ki.shape, rk.shape)

@@ -79,12 +79,11 @@ def _quant_q_sum_k(
     ``STEP * i`` of (b, h) = divmod(bh, HKV), i in ``[part * CHUNK, part * CHUNK + CHUNK)``
     (those below NK), into Part [B * HKV, PARTS, D] (fp32)."""
     pid = tl.program_id(0)
-    q_progs = Q_PROGS
-    if pid < q_progs:
+    if pid < Q_PROGS:
         _quant_block(Q, Q, QOut, QScale, sqb, sqh, sqn, pid % NQB, pid // NQB, HQ, NQ,
                      NQ_PAD, NQB, q_mul, HAS_MEAN=False, BLOCK=BLOCK_Q, D=D)
     else:
-        pid -= q_progs
+        pid -= Q_PROGS
         part = pid % PARTS
         bh = pid // PARTS
         b = bh // HKV

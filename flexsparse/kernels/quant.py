@@ -578,7 +578,7 @@ def _list_strides(t: Tensor, dims: int) -> list[int]:
 K_SUM_CHUNK = 256
 
 
-def _quantize_qk(K, q: Tensor, k: Tensor, q_mul: float, nq_pad: int, nk_pad: int,
+def _quantize_qk(q: Tensor, k: Tensor, q_mul: float, nq_pad: int, nk_pad: int,
                  block_n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Steps 1 and 2 of the arithmetic in two launches: Q with the sums of ``k_mean``'s
     sample (in parts), then K. Two launches and no PyTorch reduction, the long Q pass
@@ -586,14 +586,15 @@ def _quantize_qk(K, q: Tensor, k: Tensor, q_mul: float, nq_pad: int, nk_pad: int
     host time shows in a synchronised call.
 
     Args:
-        K: the ``_triton_quant`` module; q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nk, D]`` with
-        unit last stride; q_mul: Q's factor; nq_pad, nk_pad: padded lengths (multiples of
-        ``BLOCK_M`` and ``block_n``); block_n: K rows per scale.
+        q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nk, D]`` with unit last stride; q_mul: Q's
+        factor; nq_pad, nk_pad: padded lengths (multiples of ``BLOCK_M`` and ``block_n``);
+        block_n: K rows per scale.
 
     Returns:
         ``qi`` int8 ``[B, Hq, nq_pad, D]``, ``qs`` fp32 ``[B, Hq, nq_pad / BLOCK_M]``,
         ``ki`` int8 ``[B, Hkv, nk_pad, D]``, ``ks`` fp32 ``[B, Hkv, nk_pad / block_n]``.
     """
+    from . import _triton_quant as K
     from .meansim_fast import triton_next_pow2
 
     bsz, hq, nq, d = q.shape
@@ -700,7 +701,7 @@ def quant_attention(
         if kernel == "sm90" and reasons:
             raise ValueError(f"kernel='sm90' cannot run this call: {'; '.join(reasons)}")
         hopper = not reasons
-    from . import _triton_quant as K  # Q and K are quantized by Triton for both kernels
+    from . import _triton_quant as K  # V's conversion and the Triton kernel, below
 
     if hopper:
         block_n = tile_n  # one K scale and one softmax step per tile
@@ -729,7 +730,7 @@ def quant_attention(
     nkb = nk_pad // block_n
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    qi, qs, ki, ks = _quantize_qk(K, q, k, scale * LOG2E, nq_pad, nk_pad, block_n)
+    qi, qs, ki, ks = _quantize_qk(q, k, scale * LOG2E, nq_pad, nk_pad, block_n)
     sv = ks  # read only with fp8 P·V
     if fp8:
         sv = v_channel_scale(v).contiguous()
