@@ -10,6 +10,7 @@ and the legacy kernel (``flexsparse.kernels._legacy``, the kernel of 2026-11-24)
     python benchmarks/quant.py --part host     # host profile of fs.attention calls
     python benchmarks/quant.py --part d128     # launch variants on the Wan radial map
     python benchmarks/quant.py --part stages   # pipeline depth of the tile-list loop
+    python benchmarks/quant.py --part hopper   # partial tiles: Hopper kernel vs Triton's
 
 Effective TOPS = 4 * B * H * Nq * Nk * D * density / time. Writes ``$OUT/quant_<part>.json``
 and ``.md`` when ``OUT`` is set.
@@ -28,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import cuda_ms, device_name, header, save, table  # noqa: E402
+from common import cuda_ms, device_name, header, queued_ms, save, table  # noqa: E402
 from legacy_quant import legacy_quant_attention  # noqa: E402
 
 import flexsparse as fs  # noqa: E402
@@ -629,6 +630,93 @@ def partial_part(gen, flex) -> list[dict]:
     return rows
 
 
+def hopper_part(gen, flex) -> list[dict]:
+    """Maps with partial tiles on the Hopper kernel (``kernel="sm90"``, the token rule from
+    per-thread bits) against the Triton kernel on the same BlockMask, FlexAttention on it
+    and cuDNN (dense, or causal for the causal rows); both clocks (sync: CUDA events, the
+    GPU synchronised after each call; queued: no synchronisation between calls). Causal
+    rows: the Triton kernel's in-kernel rule against the Hopper kernel on the causal
+    BlockMask (what the backend sends it). Then the accuracy of the Hopper kernel's
+    partial path against the fp32 reference, on random and structured inputs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    rows = []
+
+    def both(fn) -> tuple[float, float]:
+        return cuda_ms(fn), queued_ms(fn)
+
+    def add(case, impl, fn, base, ops, **extra):
+        sync, queued = both(fn)
+        rows.append(dict(table="hopper", case=case, impl=impl, sync_ms=sync, queued_ms=queued,
+                         vs_cudnn=base[0] / sync, vs_cudnn_q=base[1] / queued,
+                         tops=ops / queued / 1e9, **extra))
+
+    def causal_cudnn(q, k, v):
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    cases = [(f"{name} radial token", name) for name in ("cogvideox-2b 49f", "wan 69f")]
+    cases += [("causal 2x32x8192 D128", (2, 32, 8192, 128)),
+              ("causal 2x30x17776 D64", (2, 30, 17776, 64))]
+    for case, spec in cases:
+        if isinstance(spec, str):
+            model, decay = RADIAL[spec][0], RADIAL[spec][4]
+            lay, n, q, k, v = radial_inputs(gen, spec)
+            mask = masks.radial(lay, decay, model, granularity="token")
+            base = both(functools.partial(cudnn, q, k, v))
+            rows.append(dict(table="hopper", case=case, impl="cudnn bf16 dense",
+                             sync_ms=base[0], queued_ms=base[1], vs_cudnn=1.0, vs_cudnn_q=1.0))
+        else:
+            b, h, n, d = spec
+            q, k, v = (torch.randn(b, h, n, d, device="cuda", generator=gen,
+                                   dtype=torch.bfloat16) for _ in range(3))
+            mask = masks.causal()
+            base = both(functools.partial(causal_cudnn, q, k, v))
+            rows.append(dict(table="hopper", case=case, impl="cudnn bf16 causal",
+                             sync_ms=base[0], queued_ms=base[1], vs_cudnn=1.0, vs_cudnn_q=1.0))
+        density = mask.density(n)
+        ops = 4 * q.shape[0] * q.shape[1] * n * n * q.shape[-1] * density
+        bm = mask.block_mask(n, n, device="cuda", block_size=(128, 128))
+        lists = tile_lists(bm)
+        part, full = lists.part_num.sum().item(), lists.full_num.sum().item()
+        extra = dict(density=density, partial_frac=part / max(1, part + full))
+        add(case, "flex (same BlockMask)", functools.partial(flex, q, k, v, block_mask=bm),
+            base, ops, **extra)
+        if mask.sdpa_hint == "causal":
+            add(case, "quant triton, in-kernel causal rule",
+                functools.partial(quant_attention, q, k, v, causal=True, kernel="triton"),
+                base, ops, **extra)
+        else:
+            add(case, "quant triton", functools.partial(
+                quant_attention, q, k, v, block_mask=bm, kernel="triton"), base, ops, **extra)
+        add(case, "quant sm90", functools.partial(
+            quant_attention, q, k, v, block_mask=bm, kernel="sm90"), base, ops, **extra)
+        add(case, "fs.attention backend=quant", functools.partial(
+            fs.attention, q, k, v, mask, backend="quant"), base, ops, **extra)
+        del q, k, v
+        torch.cuda.empty_cache()
+
+    # accuracy of the Hopper kernel's partial path: token radial and causal, 2 heads, fp32
+    lay = fs.VideoLayout.from_video(49, 480, 720, "cogvideox")
+    n = lay.frames * lay.tokens_per_frame + lay.text_tokens
+    for name, mask in (("radial-token", masks.radial(lay, 1.0, "cogvideox", granularity="token")),
+                       ("causal", masks.causal())):
+        dense = mask.to_dense(n, n, device="cuda")
+        bm = mask.block_mask(n, n, device="cuda", block_size=(128, 128))
+        for kind in ("random", "structured"):
+            if kind == "random":
+                q, k, v = (torch.randn(1, 2, n, 64, device="cuda", generator=gen,
+                                       dtype=torch.bfloat16) for _ in range(3))
+            else:
+                q, k, v = (structured(1, 2, n, 64, gen) for _ in range(3))
+            err, cos = rel(quant_attention(q, k, v, block_mask=bm, kernel="sm90"),
+                           fp32_ref(q, k, v, dense))
+            rows.append(dict(table="accuracy", case=f"{kind} D64 {name}", impl="quant sm90",
+                             rel_l2=err, cosine=cos, ok=err <= 3e-2 and cos >= 0.999))
+        del dense
+    return rows
+
+
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -647,6 +735,7 @@ PARTS = {
     "host": lambda gen, pvs: host_part(gen),
     "d128": lambda gen, pvs: d128_part(gen),
     "stages": lambda gen, pvs: stages_part(gen),
+    "hopper": lambda gen, pvs: hopper_part(gen, _compiled_flex()),
 }
 
 
@@ -670,6 +759,8 @@ def main() -> int:
                      "vs_cudnn"]),
         ("crossover", ["case", "density", "tiles_kept", "partial_frac", "quant_ms", "flex_ms",
                        "cudnn_ms", "quant_vs_cudnn", "quant_vs_flex"]),
+        ("hopper", ["case", "impl", "density", "partial_frac", "sync_ms", "queued_ms", "tops",
+                    "vs_cudnn", "vs_cudnn_q"]),
         ("accuracy", ["case", "impl", "rel_l2", "cosine", "ok"]),
         ("order", ["case", "impl", "ms", "rounds"]),
         ("lists", ["case", "impl", "kept", "ms", "tops", "vs_cudnn"]

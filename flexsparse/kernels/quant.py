@@ -24,9 +24,10 @@ rows of the ``Nk x Nk`` attention (query row ``r`` sits at position ``r + Nk - N
    inputs, so V is read where it lies, with no copy.
    Accumulation in fp32. Output ``acc / l`` (times ``s_v``), zeros where ``l == 0``.
    A key block whose pairs are all dropped changes nothing (``alpha = 1``, ``p = 0``),
-   which is why skipping empty tiles is exact. The kernel walks a query tile's full
-   tiles first, then its partial tiles; the reference walks key blocks in ascending
-   order: the two agree up to the rounding of ``p`` against a different running max.
+   which is why skipping empty tiles is exact. The Triton kernel walks a query tile's
+   full tiles first, then its partial tiles; the Hopper kernel and the reference walk key
+   blocks in ascending order: they agree up to the rounding of ``p`` against a different
+   running max.
 5. **pvthreshd** (per query head, SpargeAttn-style): for query tile ``i`` and key block
    ``j``, the P·V product is skipped when ``max_r (rowmax(t)[r] - m_new[r]) < -pvthreshd
    - 2^-10`` over the tile's valid rows, i.e. every probability of the block is below
@@ -38,7 +39,9 @@ Tiles: the kernel reads the call's ``BlockMask`` at ``128 x 128`` or ``128 x 64`
 (``TILE_SIZES``): ``full_kv_num_blocks / full_kv_indices`` are computed without a rule,
 ``kv_num_blocks / kv_indices`` (partial tiles) with the token rule, from one bit per
 pair packed per tile (``tile_lists``, cached with the BlockMask). Masks that are exactly
-causal or full need no list: the kernel applies the causal rule on the diagonal.
+causal or full need no list: the Triton kernel applies the causal rule on the diagonal;
+on the Hopper kernel the backend runs a causal mask through its BlockMask (its diagonal
+tiles partial).
 """
 
 from __future__ import annotations
@@ -93,6 +96,12 @@ BITS_GATHER = False
 #: 6.01 ms, every tile kept 11.3 / 10.5 ms (H100, ``--part lists``).
 TILE_SPEED = {(64, 128): 1.0, (64, 64): 1.0, (128, 128): 1.0, (128, 64): 0.94}
 PARTIAL_COST = 1.6
+#: Per head_dim: how much faster the Hopper kernel runs a 128-column map than the Triton
+#: kernel, where it runs the call (``_tile_size`` weighs the 128-column shape with it).
+#: H100, 2026-11-26, token-granular radial maps (half their tiles partial / a fifth),
+#: ``benchmarks/quant.py --part hopper``: CogVideoX-2b 9.32 / 7.85 ms (D=64), Wan 69 f
+#: 16.3 / 12.8 ms (D=128).
+SM90_SPEEDUP = {64: 1.19, 128: 1.27}
 #: Query tiles of a tile list in ``row_order`` (False: index order). Benchmarks flip it.
 ROW_ORDER = True
 #: Max over mean work per query tile above which ``row_order`` puts the longest first.
@@ -177,7 +186,7 @@ class TileLists:
         row_order: int32 ``[Qb]``: the query tiles by decreasing work (``row_order``), the
             order the kernel's programs take them in.
         derived: views of the lists a kernel computes once and keeps here (the Hopper
-            kernel's ``sm90.pair_lists``).
+            kernel's ``sm90.walk_lists`` and ``sm90.thread_bits``).
     """
 
     tile: tuple[int, int]
@@ -696,7 +705,6 @@ def quant_attention(
     hopper = False
     if kernel != "triton":
         reasons = sm90_reasons(q, v, causal=causal, pvthreshd=pvthreshd, pv_dtype=pv_dtype,
-                               n_partial=0 if lists is None else lists.n_partial,
                                overrides=overrides, tile_n=tile_n if kernel == "auto" else None)
         if kernel == "sm90" and reasons:
             raise ValueError(f"kernel='sm90' cannot run this call: {'; '.join(reasons)}")
@@ -803,23 +811,21 @@ def sm90_reasons(
     v: Tensor,
     *,
     causal: bool = False,
-    n_partial: int = 0,
     pvthreshd=None,
     pv_dtype: str = "auto",
     overrides: tuple = (),
     tile_n: int | None = None,
 ) -> list[str]:
     """Why the Hopper kernel (``sm90``) does not run a ``quant_attention`` call (empty: it
-    does); the Triton kernel runs it then. ``n_partial``: partial tiles of the call's map.
-    ``tile_n``: the map's tile width, for ``kernel="auto"``, which leaves widths outside
-    ``SM90_TILE_N`` to Triton (None: what ``kernel="sm90"`` can run at all)."""
+    does); the Triton kernel runs it then. ``tile_n``: the map's tile width, for
+    ``kernel="auto"``, which leaves widths outside ``SM90_TILE_N`` to Triton (None: what
+    ``kernel="sm90"`` can run at all)."""
     out = sm90.device_reasons(q, v)
     if pv_dtype == "auto":
         pv_dtype = default_pv_dtype(q.dtype)
     if causal:
-        out.append("the causal rule runs on the Triton kernel")
-    if n_partial:
-        out.append(f"{n_partial} partial tiles (the token rule runs on the Triton kernel)")
+        out.append("the in-kernel causal rule runs on the Triton kernel (a causal BlockMask "
+                   "runs here)")
     if pvthreshd is not None:
         out.append("pvthreshd runs on the Triton kernel")
     if PV_TORCH_DTYPES.get(pv_dtype) != v.dtype:
@@ -836,10 +842,11 @@ def sm90_reasons(
 def _tile_size(call) -> tuple[int, int]:
     """The BlockMask tiles for ``call``: asked for, else the mask's own (meansim predicts
     at 128 x 64), else the tile shape with the least estimated kernel time: kept tiles
-    (partial ones weighted by ``PARTIAL_COST``) times their width over ``TILE_SPEED``.
-    The 128-column lists run faster at both head dims, so 64-column tiles must skip
-    enough more of the map to win (fine bands, token-granular maps). One tile census per
-    shape and tile size (cached with the BlockMask)."""
+    (partial ones weighted by ``PARTIAL_COST``) times their width over ``TILE_SPEED``
+    (times ``SM90_SPEEDUP`` for the shapes the Hopper kernel would run). The 128-column
+    lists run faster at both head dims, so 64-column tiles must skip enough more of the
+    map to win (fine bands, token-granular maps). One tile census per shape and tile size
+    (cached with the BlockMask)."""
     if call.block_size is not None:
         return tuple(call.block_size)
     native = getattr(call.mask, "native_block_size", None)
@@ -849,19 +856,35 @@ def _tile_size(call) -> tuple[int, int]:
         return (BLOCK_M, TILE_N)
     # Remembered per mask and shape: the choice is asked for twice a call (reasons, run).
     seen = _TILE_CHOICE.setdefault(call.mask, {})
-    key = (call.q_len, call.kv_len, call.head_dim, str(call.device))
+    hopper = tuple(w for _, w in TILE_SIZES if not sm90_reasons(call.q, call.v, tile_n=w))
+    key = (call.q_len, call.kv_len, call.head_dim, str(call.device), hopper)
     if key not in seen:
 
         def cost(tile):
             counts = call.tile_counts(tile)
             kept = counts.full + PARTIAL_COST * counts.partial
-            return kept * tile[1] / TILE_SPEED[(call.head_dim, tile[1])]
+            speed = TILE_SPEED[(call.head_dim, tile[1])]
+            if tile[1] in hopper:
+                speed *= SM90_SPEEDUP[call.head_dim]
+            return kept * tile[1] / speed
 
         seen[key] = min(TILE_SIZES, key=cost)
     return seen[key]
 
 
 _TILE_CHOICE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _call_mode(call) -> str:
+    """``_mode_of`` the call's mask, except that a causal mask runs as a tile map (its
+    BlockMask, diagonal tiles partial) where the Hopper kernel runs the call: it has no
+    in-kernel causal rule, and runs such maps faster than the Triton kernel runs the rule
+    (H100, 2026-11-26, ``benchmarks/quant.py --part hopper``: 2 x 32 x 8,192, D=128, 1.69
+    against 1.88 ms; 2 x 30 x 17,776, D=64, 4.81 against 5.46 ms)."""
+    mode = _mode_of(call.mask)
+    if mode == "causal" and not sm90_reasons(call.q, call.v):
+        return "tiles"
+    return mode
 
 
 class QuantBackend:
@@ -891,19 +914,16 @@ class QuantBackend:
 
     def describe(self, call) -> str:
         """Which of the two kernels runs ``call`` (what ``fs.explain`` prints)."""
-        mode = _mode_of(call.mask)
+        mode = _call_mode(call)
         tile = _tile_size(call) if mode == "tiles" else (BLOCK_M, TILE_N)
-        why = sm90_reasons(
-            call.q, call.v, causal=mode == "causal", tile_n=tile[1],
-            n_partial=call.tile_counts(tile).partial if mode == "tiles" else 0,
-        )
+        why = sm90_reasons(call.q, call.v, causal=mode == "causal", tile_n=tile[1])
         if not why:
             return "quantized block-sparse kernel, the Hopper CUDA C++ one"
         return f"quantized block-sparse kernel, the Triton one ({'; '.join(why)})"
 
     def run(self, call) -> Tensor:
         """``[B, Hq, Q, D]`` in ``q``'s dtype (``not_supported_reasons`` was empty)."""
-        mode = _mode_of(call.mask)
+        mode = _call_mode(call)
         if mode == "tiles":
             bm = call.block_mask(_tile_size(call))
             return quant_attention(call.q, call.k, call.v, block_mask=bm, scale=call.scale)

@@ -7,10 +7,11 @@ source and the compiler, and loaded with ``ctypes``: no build step at install, n
 headers (a build takes seconds), and a machine without ``nvcc`` simply keeps the Triton
 kernel (``build_error`` says why).
 
-It runs the fast path of ``quant_attention``: dense calls and tile maps without partial
-tiles (radial block maps), GQA, ``q_len != kv_len``, any lengths, 16-bit P·V in V's own
-dtype with V read in place. Partial tiles, the causal rule, ``pvthreshd`` and FP8 P·V stay
-on the Triton kernel (``quant.sm90_reasons``), and so do 128 x 64 maps under
+It runs the fast path of ``quant_attention``: dense calls and tile maps, their partial
+tiles included (the token rule from ``TileLists.bits``: token-granular radial maps, scenes,
+segments, causal diagonals), GQA, ``q_len != kv_len``, any lengths, 16-bit P·V in V's own
+dtype with V read in place. The in-kernel causal rule (``causal=True``), ``pvthreshd`` and
+FP8 P·V stay on the Triton kernel (``quant.sm90_reasons``), and so do 128 x 64 maps under
 ``kernel="auto"`` (``quant.SM90_TILE_N``: slower here).
 """
 
@@ -92,7 +93,7 @@ class _Args(ctypes.Structure):
     _fields_ = [
         (name, ctypes.c_ulonglong)
         for name in ("q", "k", "v", "qs", "ks", "out", "full_num", "full_idx", "row_order",
-                     "stream")
+                     "stream", "part_at", "bits")
     ] + [
         (name, ctypes.c_longlong)
         for name in ("v_sb", "v_sh", "v_sn", "o_sb", "o_sh", "o_sn", "snb", "snh", "sib", "sih",
@@ -113,7 +114,7 @@ def build(nvcc: str, root: Path | None = None, extra_flags: tuple[str, ...] = ()
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if not target.is_file():
-            log.warning("flexsparse: building the sm90 attention kernel (once, ~10 s)")
+            log.warning("flexsparse: building the sm90 attention kernel (once, ~30 s)")
             tmp = target.with_suffix(".tmp.so")
             cmd = [nvcc, *NVCC_FLAGS, *extra_flags, "-o", str(tmp), str(CSRC / SOURCES[0])]
             done = subprocess.run(cmd, capture_output=True, text=True)
@@ -182,38 +183,89 @@ def device_reasons(q: Tensor, v: Tensor) -> list[str]:
     return out
 
 
-def pair_lists(full_num: Tensor, full_idx: Tensor, nkb: int, n_ctas: int,
-               rows: int = 192) -> tuple[Tensor, Tensor]:
-    """The key blocks a ``rows``-row work item walks when its rows span two 128-row map
-    tiles.
+#: Tiles x key blocks per chunk of ``walk_lists``'s work (bounds its temporaries).
+WALK_CHUNK = 1 << 22
 
-    Item (query tile) ``c`` of a head holds query rows ``[rows * c, rows * c + rows)``,
-    the tiles ``t0 = rows * c // 128`` and ``t1`` (the tile of its last row, at most the
-    last tile). It walks the union of their lists in increasing key order; each entry is
-    the key block plus bit 24 when ``t0`` keeps it and bit 25 when ``t1`` does, so each
-    consumer warpgroup computes only its own tile's blocks.
+
+def walk_lists(lists, nkb: int, n_items: int, rows: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The key blocks each ``rows``-row work item walks, full and partial tiles in one list.
+
+    Item ``c`` of a head holds query rows ``[rows * c, rows * c + rows)``: the 128-row map
+    tiles ``t0 = rows * c // 128`` and ``t1`` (the tile of its last row, at most the last
+    tile; ``t1 == t0`` when ``rows`` is 128). It walks the union of their lists in
+    increasing key order. Each entry is the key block plus bit 24 when ``t0`` keeps it,
+    bit 25 when ``t1`` does, and bit 26 / 27 when that tile keeps it only in part, so each
+    consumer warpgroup computes only its own tile's blocks and applies its tile's rule.
 
     Args:
-        full_num: int32 ``[Bm, Hm, Qb]``; full_idx: int32 ``[Bm, Hm, Qb, W]`` (tile lists).
-        nkb: key blocks in the sequence; n_ctas: work items (query tiles) per head.
+        lists: ``quant.TileLists`` of a map at 128-row tiles.
+        nkb: key blocks in the sequence; n_items: work items (query tiles) per head;
+        rows: query rows per work item (128 or 192).
 
     Returns:
-        ``(num [Bm, Hm, n_ctas], idx [Bm, Hm, n_ctas, nkb])``, int32 and contiguous.
+        ``num`` int32 ``[Bm, Hm, n_items]``, ``idx`` int32 ``[Bm, Hm, n_items, nkb]`` and,
+        for maps with partial tiles, ``part_at`` int32 ``[Bm, Hm, n_items, nkb, 2]``: the
+        index in ``lists.bits`` of ``t0``'s and ``t1``'s rule for each entry (-1: none);
+        else None.
     """
-    bm, hm, nqb = full_num.shape
-    dev = full_num.device
-    listed = torch.arange(full_idx.shape[-1], device=dev) < full_num[..., None]
-    member = torch.zeros(bm, hm, nqb, nkb + 1, dtype=torch.int32, device=dev)
-    member.scatter_(-1, torch.where(listed, full_idx.long(), nkb), 1)  # nkb: unlisted
-    member = member[..., :nkb]
-    c = torch.arange(n_ctas, device=dev)
+    bm, hm, nqb = lists.full_num.shape
+    dev = lists.full_num.device
+    partial = lists.n_partial > 0
+    c = torch.arange(n_items, device=dev)
     t0 = rows * c // 128
     t1 = ((rows * c + rows - 1) // 128).clamp(max=nqb - 1)
-    tiles = member[:, :, t0] | (member[:, :, t1] << 1)
     cols = torch.arange(nkb, device=dev)
-    order = torch.where(tiles > 0, cols, nkb + cols).argsort(-1)  # the union, ascending
-    idx = order | (tiles.gather(-1, order) << 24)
-    return (tiles > 0).sum(-1).to(torch.int32).contiguous(), idx.to(torch.int32).contiguous()
+    heads = max(1, WALK_CHUNK // (bm * nqb * (nkb + 1)))
+    nums, idxs, rules = [], [], []
+    for h in range(0, hm, heads):
+        sl = slice(h, h + heads)
+        # per tile and key block: 0 not kept, 1 kept whole, 2 kept in part
+        state = torch.zeros(bm, min(heads, hm - h), nqb, nkb + 1, dtype=torch.int32,
+                            device=dev)
+        num, idx = lists.full_num[:, sl], lists.full_idx[:, sl]
+        listed = torch.arange(idx.shape[-1], device=dev) < num[..., None]
+        state.scatter_(-1, torch.where(listed, idx.long(), nkb), 1)  # nkb: unlisted
+        if partial:
+            num, idx = lists.part_num[:, sl], lists.part_idx[:, sl]
+            listed = torch.arange(idx.shape[-1], device=dev) < num[..., None]
+            where = torch.where(listed, idx.long(), nkb)
+            state.scatter_(-1, where, 2)
+            rule = torch.full_like(state, -1)
+            first = lists.part_off[:, sl, :, None].to(torch.int32)
+            rule.scatter_(-1, where, first + torch.arange(idx.shape[-1], dtype=torch.int32,
+                                                          device=dev))
+        s0, s1 = state[:, :, t0, :nkb], state[:, :, t1, :nkb]
+        tags = (s0 > 0).int() | (s1 > 0).int() << 1 | (s0 == 2).int() << 2 | (s1 == 2).int() << 3
+        keep = (tags & 3) > 0
+        order = torch.where(keep, cols, nkb + cols).argsort(-1)  # the union, ascending
+        nums.append(keep.sum(-1).to(torch.int32))
+        idxs.append((order | tags.gather(-1, order).long() << 24).to(torch.int32))
+        if partial:
+            rules.append(torch.stack([rule[:, :, t0, :nkb].gather(-1, order),
+                                      rule[:, :, t1, :nkb].gather(-1, order)], -1))
+    num, idx = torch.cat(nums, 1).contiguous(), torch.cat(idxs, 1).contiguous()
+    return num, idx, torch.cat(rules, 1).contiguous() if partial else None
+
+
+def thread_bits(bits: Tensor) -> Tensor:
+    """``TileLists.bits`` (int32 ``[P, 128, C / 32]``, C = 64 or 128 key columns) arranged
+    by the consumer thread that reads them: int32 ``[P, 8, 32, C / 64]``.
+
+    In a warpgroup's score fragment (``wgmma`` m64nC), lane ``l`` of 16-row group ``g``
+    holds rows ``r = 16 g + l // 4`` and ``r + 8``, columns ``8 i + 2 (l % 4) + b``. Its words
+    ``[g, l]`` hold, from bit ``rh * C / 4 + 2 i + b`` on, whether row ``r + 8 rh`` keeps column
+    ``8 i + 2 (l % 4) + b``: one 4- or 8-byte load per thread and partial tile, and two
+    registers at most (a tile's rows would take eight).
+    """
+    p, rows, words = bits.shape
+    cols = 32 * words
+    shifts = torch.arange(32, device=bits.device, dtype=torch.int32)
+    kept = ((bits[..., None] >> shifts) & 1).view(p, rows, cols)  # [P, 128, C], 0 / 1
+    # rows 16 g + 8 rh + l // 4; columns 8 i + 2 q + b, with l = 4 (l // 4) + q
+    kept = kept.view(p, 8, 2, 8, cols // 8, 4, 2).permute(0, 1, 3, 5, 2, 4, 6)
+    flat = kept.reshape(p, 8, 32, cols // 64, 32).to(torch.int64)  # bit rh * C / 4 + 2 i + b
+    words = (flat << shifts.to(torch.int64)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
 
 
 def attention(
@@ -238,7 +290,7 @@ def attention(
         v: ``[B, Hkv, Nk, D]`` in the P·V dtype (fp16 / bf16), read in place.
         out: ``[B, Hq, Nq, D]`` in v's dtype, last dim contiguous.
         block_n: key rows per step: the tile width of ``lists``, else 128.
-        lists: ``quant.TileLists`` without partial tiles, or None for dense.
+        lists: ``quant.TileLists`` (partial tiles included), or None for dense.
         order: whether the persistent CTAs take a map's query tiles (or tile pairs) by
             decreasing work (``quant.row_order``) rather than in index order.
     """
@@ -259,13 +311,20 @@ def attention(
     if lists is not None:
         from .quant import _list_strides, row_order  # quant imports this module
 
-        num, idx, tile_order = lists.full_num, lists.full_idx, lists.row_order
-        if nc == 3:
-            key = ("pairs", a.n_tiles, ks.shape[2])
+        num, idx, tile_order, part_at = lists.full_num, lists.full_idx, lists.row_order, None
+        if nc == 3 or lists.n_partial:
+            # One list per work item: the union of its two tiles' (three warpgroups), or a
+            # tile's full and partial lists merged in key order.
+            key = ("walk", 64 * nc, a.n_tiles, ks.shape[2])
             if key not in lists.derived:
-                pairs = pair_lists(num, idx, ks.shape[2], a.n_tiles)
-                lists.derived[key] = (*pairs, row_order(pairs[0], torch.zeros_like(pairs[0])))
-            num, idx, tile_order = lists.derived[key]
+                num, idx, part_at = walk_lists(lists, ks.shape[2], a.n_tiles, 64 * nc)
+                parts = ((idx >> 26) & 3 > 0).sum(-1).to(torch.int32)
+                lists.derived[key] = (num, idx, row_order(num - parts, parts), part_at)
+            num, idx, tile_order, part_at = lists.derived[key]
+        if part_at is not None:
+            if "thread_bits" not in lists.derived:
+                lists.derived["thread_bits"] = thread_bits(lists.bits)
+            a.part_at, a.bits = part_at.data_ptr(), lists.derived["thread_bits"].data_ptr()
         a.full_num, a.full_idx = num.data_ptr(), idx.data_ptr()
         a.snb, a.snh = _list_strides(num, 2)
         a.sib, a.sih = _list_strides(idx, 2)

@@ -114,11 +114,15 @@ def pattern(name: str, n: int) -> fs.Mask:
     raise AssertionError(name)
 
 
+PATTERNS = ["radial_token", "segments", "causal_document", "composed"]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("pv", PVS)
 @pytest.mark.parametrize("tile", TILES)
-@pytest.mark.parametrize("name", ["radial_token", "segments", "causal_document", "composed"])
-def test_partial_tiles_match_reference(name, tile, pv):
-    g = torch.Generator().manual_seed(hash((name, tile, pv)) % 1000)
+@pytest.mark.parametrize("name", PATTERNS)
+def test_partial_tiles_match_reference(name, tile, pv, kernel):
+    g = torch.Generator().manual_seed(sum(map(ord, f"{name}{tile}{pv}")) % 1000)
     n = int(torch.randint(900, 2200, (1,), generator=g))
     d = 64 if tile[1] == 64 else 128
     mask = pattern(name, n)
@@ -127,11 +131,14 @@ def test_partial_tiles_match_reference(name, tile, pv):
     bm = mask.block_mask(nq, n, device="cuda", block_size=tile)
     lists = tile_lists(bm)
     assert lists.n_partial > 0  # the case exercises the bits
-    out = quant_attention(q, k, v, block_mask=bm, pv_dtype=pv)
+    if sm90_declines(kernel, q, k, v, pv_dtype=pv):
+        return
+    out = quant_attention(q, k, v, block_mask=bm, pv_dtype=pv, kernel=kernel)
     dense = mask.to_dense(nq, n).cuda()
-    ref = quant_reference(q, k, v, mask=dense, tile_n=tile[1], pv_dtype=pv)
-    # The kernel walks full tiles before partial ones, the reference in key order: P is
-    # rounded against another running max, which e4m3's 3-bit mantissa shows.
+    ref = quant_reference(q, k, v, mask=dense, tile_n=tile[1], pv_dtype=pv,
+                          block_n=block_n(kernel, tile[1]))
+    # The Triton kernel walks full tiles before partial ones, the reference in key order: P
+    # is rounded against another running max, which e4m3's 3-bit mantissa shows.
     assert rel_l2(out, ref) < (5e-3 if pv != "fp8" else 3e-2)
     exact = fs.reference(q, k, v, mask)
     tol, cos = exact_tol(pv)
@@ -404,11 +411,69 @@ def masked_attention(q, k, v, allowed=None):
 
 
 @needs_sm90
+@pytest.mark.parametrize("seed, consumers, pingpong", LAYOUTS)
+def test_sm90_partial_tiles(seed, consumers, pingpong, monkeypatch):
+    """Maps with partial tiles on the Hopper kernel (the token rule from packed bits, read
+    per thread): the four patterns in turn, random lengths with q_len != kv_len, GQA, both
+    tile widths, both dtypes, in each layout of the consumer warpgroups; against
+    ``quant_reference`` and float64, rows that keep nothing give zeros, a grid of two CTAs
+    gives the same bits, and at head_dim 64 three warpgroups give two's bits."""
+    g = torch.Generator().manual_seed(500 + seed)
+    d = (64, 128)[seed % 2]
+    monkeypatch.setitem(sm90.PINGPONG, d, pingpong)
+    monkeypatch.setitem(sm90.CONSUMERS, d, consumers)
+    name = PATTERNS[seed % 4]
+    tile = TILES[(seed // 2) % 2]
+    dtype = (torch.bfloat16, torch.float16)[(seed // 3) % 2]
+    n = int(torch.randint(700, 2300, (1,), generator=g))
+    nq = n - int(torch.randint(0, n // 2, (1,), generator=g)) if name == "composed" else n
+    hkv = 1 + seed % 2
+    q, k, v = qkv(1 + seed % 2, hkv * (1 + seed % 3), hkv, nq, n, d, dtype, 600 + seed)
+    mask = pattern(name, n)
+    bm = mask.block_mask(nq, n, device="cuda", block_size=tile)
+    assert tile_lists(bm).n_partial > 0
+    out = quant_attention(q, k, v, block_mask=bm, kernel="sm90")
+    dense = mask.to_dense(nq, n).cuda()
+    ref = quant_reference(q, k, v, mask=dense, tile_n=tile[1], block_n=tile[1])
+    assert torch.isfinite(out).all()
+    assert rel_l2(out, ref) < 5e-3, (name, tile, n, nq)
+    exact = fs.reference(q, k, v, mask)
+    assert rel_l2(out.cpu(), exact) < 3e-2 and cosine(out.cpu(), exact) > 0.999
+    empty = ~dense.any(-1)
+    assert (out[:, :, empty] == 0).all()
+    monkeypatch.setattr(sm90, "MAX_CTAS", 2)  # each CTA runs many work items
+    again = quant_attention(q, k, v, block_mask=bm, kernel="sm90")
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
+    if consumers == 3:
+        monkeypatch.setitem(sm90.CONSUMERS, d, 2)
+        two = quant_attention(q, k, v, block_mask=bm, kernel="sm90")
+        torch.testing.assert_close(two, out, rtol=0, atol=0)
+
+
+@needs_sm90
+@pytest.mark.parametrize("d", [64, 128])
+def test_sm90_runs_a_causal_mask_through_its_block_mask(d):
+    """The backend sends a causal mask to the Hopper kernel as its BlockMask (diagonal
+    tiles partial): the Triton kernel's in-kernel rule, to within the rounding."""
+    q, k, v = qkv(1, 4, 2, 700, 900, d, torch.bfloat16, 21)
+    mask = masks.causal()
+    call = AttentionCall(q, k, v, mask, d**-0.5, False)
+    backend = QuantBackend()
+    assert "Hopper" in backend.describe(call)
+    out = backend.run(call)
+    ref = quant_reference(q, k, v, causal=True, block_n=128)
+    assert rel_l2(out, ref) < 5e-3
+    exact = fs.reference(q, k, v, mask)
+    assert rel_l2(out.cpu(), exact) < 3e-2 and cosine(out.cpu(), exact) > 0.999
+    # the Triton kernel with the same K scale blocks (128 rows), so the same quantization
+    triton = quant_attention(q, k, v, causal=True, kernel="triton", block_n=128)
+    assert rel_l2(out, triton) < 5e-3
+
+
+@needs_sm90
 def test_sm90_leaves_what_it_cannot_run_to_triton():
     q, k, v = qkv(1, 4, 2, 700, 900, 64, torch.bfloat16, 11)
-    bm = masks.causal().block_mask(700, 900, device="cuda")
-    assert tile_lists(bm).n_partial > 0
-    cases = [dict(causal=True), dict(block_mask=bm), dict(pvthreshd=4.0),
+    cases = [dict(causal=True), dict(pvthreshd=4.0),
              dict(pv_dtype="fp16")] + ([dict(pv_dtype="fp8")] if FP8 else [])
     for kw in cases:
         with pytest.raises(ValueError, match="kernel='sm90' cannot run"):

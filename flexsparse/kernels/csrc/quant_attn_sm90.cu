@@ -16,8 +16,16 @@
 // consumer warp is done with it); K is released as soon as the scores are computed, V after
 // the P·V product.
 //
-// What this kernel does not do (the Triton kernel does): partial tiles, the causal rule,
-// pvthreshd, FP8 P·V. The host side (sm90.py) sends only calls without them.
+// A map's partial tiles (kept only in part: the token rule of scenes, segments, token-granular
+// radial maps, causal diagonals) carry their rule as packed bits, one bit per (row, key) of
+// the tile, arranged so that each consumer thread's bits are one or two words of its own
+// (sm90.thread_bits); it masks its scores with them before the maximum. Maps with partial
+// tiles run an instantiation of their own (PARTIAL): the registers of three consumer
+// warpgroups at head_dim 64 are all taken, and the maps of whole tiles keep the kernel they
+// had.
+//
+// What this kernel does not do (the Triton kernel does): pvthreshd, FP8 P·V. The host side
+// (sm90.py) sends only calls without them.
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <cuda_bf16.h>
@@ -38,6 +46,12 @@ namespace fsq {
 constexpr int BLOCK_M = 128;  // query rows per Q scale and per map tile
 constexpr int MAGIC_INT = 0x4B400000;  // float_bits(1.5 * 2**23)
 constexpr float MAGIC_FLOAT = 12582912.0f;
+// PARTIAL: the score of a masked pair. Below every int8 dot (|s| < 2^21), so it never wins a
+// row's maximum over a kept pair, and MASKED + MAGIC_INT is the bit pattern of -inf, so its
+// probability comes out 0 with no pass to zero it. A row that keeps no pair of a block gets a
+// finite maximum far below its scores (exact softmax all the same: its probabilities are 0
+// and O is 0 until a kept pair comes, which rescales it, or stays within the slack).
+constexpr int MASKED = int(0xFF800000u - 0x4B400000u);
 // How far (log2 units) a row's maximum may rise before O is rescaled: P <= 2^8.
 constexpr float RESCALE_SLACK = 8.0f;
 
@@ -48,6 +62,10 @@ struct Params {
   const int* full_num;    // [Bm, Hm, NQB] (lists) or null (dense)
   const int* full_idx;    // [Bm, Hm, NQB, KVb]
   const int* row_order;   // [NQB] or null
+  // Of each list entry with a partial tile (bits 26, 27): the index in `bits` of each of the
+  // two tiles' rules, an int2 per entry at the entry's own offset (PARTIAL only).
+  const int2* part_at;
+  const unsigned* bits;   // [P, 8, 32, BN / 64]: sm90.thread_bits of quant.TileLists.bits
   long long sob, soh, son;
   long long snb, snh, sib, sih, siq;
   int hq, group, hkv, nq, nk, nqb, nkb, n_dense, pingpong;
@@ -195,13 +213,14 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 
 // -- the kernel -------------------------------------------------------------------------
 
-// What the producer tells the consumers about a stage, in one 16-byte shared-memory word: the
-// key block, its K scale, and which of the item's map tiles keep it (bits 0 and 1, pairs).
+// What the producer tells the consumers about a stage: the key block, its K scale, which of
+// the item's map tiles keep it (bits 0 and 1, pairs) and keep it only in part (bits 2 and 3,
+// PARTIAL), and where those two tiles' rules are in `bits`.
 struct alignas(16) StageInfo {
   int block;
   float scale;
   int tiles;
-  int pad;
+  int part[2];
 };
 
 // A work item as the producer hands it out with its Q: the query tile (of ROWS rows), the
@@ -247,7 +266,7 @@ struct Layout {
   static constexpr int SWIZZLE_QK = D == 128 ? 128 : 64;  // an int8 row is D bytes
 };
 
-template <int D, int BN, int STAGES, int NC, typename T>
+template <int D, int BN, int STAGES, int NC, bool PARTIAL, typename T>
 __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
     attn_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                 const __grid_constant__ CUtensorMap tm_v, const Params p) {
@@ -364,8 +383,11 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
           const int j = entry & 0xFFFFFF;
           const float scale = k_scale[j];
           const int next = it + 1 < n_blocks ? (idx ? idx[it + 1] : it + 1) : 0;
+          int2 part = make_int2(-1, -1);
+          if (PARTIAL && (entry & (3 << 26)))  // an entry of a list: idx is not null
+            part = p.part_at[idx + it - p.full_idx];
           bar_wait(ek + 8 * s, parity);
-          stage_info[s] = StageInfo{j, scale, entry >> 24, 0};
+          stage_info[s] = StageInfo{j, scale, entry >> 24, {part.x, part.y}};
           bar_expect(fk + 8 * s, L::K_BYTES);
           tma_3d(sk + s * L::K_BYTES, &tm_k, fk + 8 * s, 0, j * BN, kv_head);
           bar_wait(ev + 8 * s, parity);
@@ -391,6 +413,29 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
   int row_base = 0, my_tile = 0;
   float c_q = 0.f;
   uint64_t desc_q = 0;
+  // PARTIAL: a partial tile's rule for the thread's scores, bit rh * BN / 4 + 2 i + b for
+  // score 4 i + 2 rh + b (sm90.thread_bits).
+  constexpr int RULE_WORDS = BN / 64;
+  uint32_t rule[RULE_WORDS];
+  // Whether this warpgroup's tile keeps stage s only in part; if so, its rule is loaded.
+  auto load_rule = [&](int s) {
+    if constexpr (!PARTIAL) {
+      return false;
+    } else {
+      if (!(stage_info[s].tiles & (my_tile << 2))) return false;
+      const int part = stage_info[s].part[my_tile >> 1];
+      // the thread's words: its 16-row group of the tile and its lane
+      const int at = ((row_base % BLOCK_M) / 16 + (threadIdx.x / 32) % 4) * 32 + threadIdx.x % 32;
+      const unsigned* src = p.bits + (static_cast<long long>(part) * 256 + at) * RULE_WORDS;
+      if constexpr (RULE_WORDS == 2) {
+        const uint2 w = __ldg(reinterpret_cast<const uint2*>(src));
+        rule[0] = w.x, rule[1] = w.y;
+      } else {
+        rule[0] = __ldg(src);
+      }
+      return true;
+    }
+  };
 
   // The ones panels (never overwritten: the copies fill the V panels only), then a
   // proxy fence: the tensor cores read what ordinary stores wrote.
@@ -444,17 +489,38 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
   };
   // Online softmax of key block j (K scale k_scale) on the biased scores MAGIC + s (exact;
   // the integer maximum first), log2 units: x holds the probabilities afterwards,
-  // rescale / log_alpha what O is to be multiplied by.
-  auto softmax = [&](int j, float k_scale) {
+  // rescale / log_alpha what O is to be multiplied by. Columns past the keys get the score
+  // INT_MIN (MASKED in PARTIAL), and probability 0. `partial` (PARTIAL): `rule` masks the
+  // block's pairs too.
+  auto softmax = [&](int j, float k_scale, bool partial) {
     fence_regs(sc);
     const float c = c_q * k_scale;
     const bool ragged = (j + 1) * BN > p.nk;
+    constexpr int PAD = PARTIAL ? MASKED : INT_MIN;
     if (ragged) {  // the last block: columns past the keys drop out of the maximum
 #pragma unroll
       for (int i = 0; i < BN / 8; ++i) {
         const int col = j * BN + 8 * i + col_in;
-        if (col >= p.nk) sc[4 * i] = sc[4 * i + 2] = INT_MIN;
-        if (col + 1 >= p.nk) sc[4 * i + 1] = sc[4 * i + 3] = INT_MIN;
+        if (col >= p.nk) sc[4 * i] = sc[4 * i + 2] = PAD;
+        if (col + 1 >= p.nk) sc[4 * i + 1] = sc[4 * i + 3] = PAD;
+      }
+    }
+    if (PARTIAL && partial) {
+#pragma unroll
+      for (int i = 0; i < BN / 8; ++i) {
+#pragma unroll
+        for (int rh = 0; rh < 2; ++rh) {
+          const int bit = rh * BN / 4 + 2 * i;
+          const uint32_t w = rule[bit / 32];
+          // k: all ones where kept. min(score, INT_MAX) keeps the score, min(score, MASKED)
+          // masks it: fewer registers in flight than a predicate per score (no spill).
+          const int k0 = static_cast<int>(w << (31 - bit % 32)) >> 31;
+          const int k1 = static_cast<int>(w << (30 - bit % 32)) >> 31;
+          int& s0 = sc[4 * i + 2 * rh];
+          int& s1 = sc[4 * i + 2 * rh + 1];
+          s0 = min(s0, MASKED ^ (k0 & (MASKED ^ INT_MAX)));
+          s1 = min(s1, MASKED ^ (k1 & (MASKED ^ INT_MAX)));
+        }
       }
     }
     int mi0 = __vimax3_s32(sc[0], sc[1], INT_MIN), mi1 = __vimax3_s32(sc[2], sc[3], INT_MIN);
@@ -498,7 +564,7 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
       x[4 * i + 2] = exp2f(fmaf(__int_as_float(sc[4 * i + 2] + MAGIC_INT), c, -bias1));
       x[4 * i + 3] = exp2f(fmaf(__int_as_float(sc[4 * i + 3] + MAGIC_INT), c, -bias1));
     }
-    if (ragged) {
+    if (!PARTIAL && ragged) {  // (MASKED's probabilities are 0 already)
 #pragma unroll
       for (int i = 0; i < BN / 8; ++i) {
         const int col = j * BN + 8 * i + col_in;
@@ -581,14 +647,17 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
         release(empty_v + s);
         continue;
       }
-      StageInfo info;  // read while the products run: its latency hides under them
+      // The stage's info and a partial tile's rule are read while the products run: their
+      // latency hides under them.
+      StageInfo info;
       if (prev < 0) {
         turn_wait();
         issue_qk(s);
         turn_pass();
         info = stage_info[s];
+        const bool partial = load_rule(s);
         wgmma_wait<0>();
-        softmax(info.block, info.scale);
+        softmax(info.block, info.scale, partial);
         release(empty_k + s);
       } else {
         bar_wait(full_v + prev, prev_parity);
@@ -597,8 +666,9 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
         issue_pv(prev);
         turn_pass();
         info = stage_info[s];
+        const bool partial = load_rule(s);
         wgmma_wait<1>();  // the scores are in; P·V of the previous block may still run
-        softmax(info.block, info.scale);
+        softmax(info.block, info.scale, partial);
         release(empty_k + s);
         wgmma_wait<0>();
         fence_regs(o);
@@ -639,6 +709,7 @@ extern "C" {
 // Mirrored by ctypes in sm90.py; every field 8 bytes.
 struct FsqArgs {
   unsigned long long q, k, v, qs, ks, out, full_num, full_idx, row_order, stream;
+  unsigned long long part_at, bits;  // partial tiles' rules (sm90.walk_lists; null: none)
   long long v_sb, v_sh, v_sn, o_sb, o_sh, o_sn;  // elements
   long long snb, snh, sib, sih, siq;
   long long batch, hq, hkv, nq, nk, nq_pad, nk_pad, d, bn, bf16, nqb, nkb, n_dense, pingpong;
@@ -711,7 +782,8 @@ template <int D, int BN, int STAGES, int NC, typename T>
 int launch(const FsqArgs& a, const CUtensorMap& tq, const CUtensorMap& tk, const CUtensorMap& tv,
            const fsq::Params& p, char* err, int err_len) {
   using L = fsq::Layout<D, BN, STAGES, NC>;
-  auto kernel = fsq::attn_kernel<D, BN, STAGES, NC, T>;
+  auto kernel = p.part_at ? fsq::attn_kernel<D, BN, STAGES, NC, true, T>
+                          : fsq::attn_kernel<D, BN, STAGES, NC, false, T>;
   const int smem = L::BYTES + 1024;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e == cudaSuccess) {
@@ -792,6 +864,8 @@ extern "C" int fsq_attention_sm90(const FsqArgs* a, char* err, int err_len) {
   p.full_num = reinterpret_cast<const int*>(a->full_num);
   p.full_idx = reinterpret_cast<const int*>(a->full_idx);
   p.row_order = reinterpret_cast<const int*>(a->row_order);
+  p.part_at = reinterpret_cast<const int2*>(a->part_at);
+  p.bits = reinterpret_cast<const unsigned*>(a->bits);
   p.sob = a->o_sb;
   p.soh = a->o_sh;
   p.son = a->o_sn;
