@@ -702,6 +702,12 @@ def test_a_causal_mask_runs_as_its_block_mask_where_the_hopper_kernel_runs(monke
     assert "Hopper" in QuantBackend().describe(call)
     bm = call.block_mask((128, 128))
     assert tile_lists(bm).n_partial == 3  # the diagonal tiles carry the rule
+    # a decode step sees every key; a few rows keep the Triton kernel's rule (no BlockMask
+    # built per step while the cache grows)
+    step = AttentionCall(q[:, :, :1], q, q, masks.causal(), 0.125, False)
+    assert _call_mode(step) == "dense"
+    few = AttentionCall(q[:, :, :5], q, q, masks.causal(), 0.125, False)
+    assert _call_mode(few) == "causal" and "Triton" in QuantBackend().describe(few)
 
 
 def test_sm90_mode_is_checked(monkeypatch):

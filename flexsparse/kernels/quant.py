@@ -876,14 +876,23 @@ _TILE_CHOICE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _call_mode(call) -> str:
-    """``_mode_of`` the call's mask, except that a causal mask runs as a tile map (its
-    BlockMask, diagonal tiles partial) where the Hopper kernel runs the call: it has no
-    in-kernel causal rule, and runs such maps faster than the Triton kernel runs the rule
-    (H100, 2026-11-26, ``benchmarks/quant.py --part hopper``: 2 x 32 x 8,192, D=128, 1.69
-    against 1.88 ms; 2 x 30 x 17,776, D=64, 4.81 against 5.46 ms)."""
+    """``_mode_of`` the call's mask, except for a causal mask where the Hopper kernel runs
+    the call, which has no in-kernel causal rule:
+
+    - one query row (a decode step) sees every key: ``"dense"``;
+    - ``BLOCK_M`` rows or more (a prefill) run as a tile map, the mask's BlockMask with its
+      diagonal tiles partial, faster than the Triton kernel runs the rule (H100,
+      2026-11-26, ``benchmarks/quant.py --part hopper``: 2 x 32 x 8,192, D=128, 1.69
+      against 1.88 ms; 2 x 30 x 17,776, D=64, 4.81 against 5.46 ms). The BlockMask is built
+      once per pair of lengths (a few ms);
+    - fewer rows (speculative decoding, short chunks) keep the Triton kernel's rule: no
+      build per step while the cache grows."""
     mode = _mode_of(call.mask)
     if mode == "causal" and not sm90_reasons(call.q, call.v):
-        return "tiles"
+        if call.q_len == 1:
+            return "dense"
+        if call.q_len >= BLOCK_M:
+            return "tiles"
     return mode
 
 

@@ -468,6 +468,11 @@ def test_sm90_runs_a_causal_mask_through_its_block_mask(d):
     # the Triton kernel with the same K scale blocks (128 rows), so the same quantization
     triton = quant_attention(q, k, v, causal=True, kernel="triton", block_n=128)
     assert rel_l2(out, triton) < 5e-3
+    for rows in (1, 5):  # a decode step (every key: dense), a few rows (Triton's rule)
+        short = q[:, :, -rows:]
+        out = fs.attention(short, k, v, mask, backend="quant")
+        exact = fs.reference(short, k, v, mask)
+        assert rel_l2(out.cpu(), exact) < 3e-2 and cosine(out.cpu(), exact) > 0.999
 
 
 @needs_sm90
