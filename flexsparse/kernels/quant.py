@@ -99,9 +99,9 @@ PARTIAL_COST = 1.6
 #: Per head_dim: how much faster the Hopper kernel runs a 128-column map than the Triton
 #: kernel, where it runs the call (``_tile_size`` weighs the 128-column shape with it).
 #: H100, 2026-11-26, token-granular radial maps (half their tiles partial / a fifth),
-#: ``benchmarks/quant.py --part hopper``: CogVideoX-2b 9.32 / 7.85 ms (D=64), Wan 69 f
-#: 16.3 / 12.8 ms (D=128).
-SM90_SPEEDUP = {64: 1.19, 128: 1.27}
+#: ``benchmarks/quant.py --part hopper`` (queued): CogVideoX-2b 9.20 / 6.96 ms (D=64), Wan
+#: 69 f 15.9 / 12.1 ms (D=128).
+SM90_SPEEDUP = {64: 1.32, 128: 1.31}
 #: Query tiles of a tile list in ``row_order`` (False: index order). Benchmarks flip it.
 ROW_ORDER = True
 #: Max over mean work per query tile above which ``row_order`` puts the longest first.
@@ -882,9 +882,9 @@ def _call_mode(call) -> str:
     - one query row (a decode step) sees every key: ``"dense"``;
     - ``BLOCK_M`` rows or more (a prefill) run as a tile map, the mask's BlockMask with its
       diagonal tiles partial, faster than the Triton kernel runs the rule (H100,
-      2026-11-26, ``benchmarks/quant.py --part hopper``: 2 x 32 x 8,192, D=128, 1.69
-      against 1.88 ms; 2 x 30 x 17,776, D=64, 4.81 against 5.46 ms). The BlockMask is built
-      once per pair of lengths (a few ms);
+      2026-11-26, ``benchmarks/quant.py --part hopper``, queued: 2 x 32 x 8,192, D=128,
+      1.66 against 1.87 ms; 2 x 30 x 17,776, D=64, 4.75 against 5.31 ms). The BlockMask
+      is built once per pair of lengths (a few ms);
     - fewer rows (speculative decoding, short chunks) keep the Triton kernel's rule: no
       build per step while the cache grows."""
     mode = _mode_of(call.mask)

@@ -512,14 +512,10 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
         for (int rh = 0; rh < 2; ++rh) {
           const int bit = rh * BN / 4 + 2 * i;
           const uint32_t w = rule[bit / 32];
-          // k: all ones where kept. min(score, INT_MAX) keeps the score, min(score, MASKED)
-          // masks it: fewer registers in flight than a predicate per score (no spill).
-          const int k0 = static_cast<int>(w << (31 - bit % 32)) >> 31;
-          const int k1 = static_cast<int>(w << (30 - bit % 32)) >> 31;
-          int& s0 = sc[4 * i + 2 * rh];
-          int& s1 = sc[4 * i + 2 * rh + 1];
-          s0 = min(s0, MASKED ^ (k0 & (MASKED ^ INT_MAX)));
-          s1 = min(s1, MASKED ^ (k1 & (MASKED ^ INT_MAX)));
+          // ptxas moves the word's bits into predicates seven at a time (R2P): one select
+          // per score
+          if (!(w & (1u << (bit % 32)))) sc[4 * i + 2 * rh] = MASKED;
+          if (!(w & (2u << (bit % 32)))) sc[4 * i + 2 * rh + 1] = MASKED;
         }
       }
     }
