@@ -24,8 +24,9 @@
 // warpgroups at head_dim 64 are all taken, and the maps of whole tiles keep the kernel they
 // had.
 //
-// What this kernel does not do (the Triton kernel does): pvthreshd, FP8 P·V. The host side
-// (sm90.py) sends only calls without them.
+// What this kernel does not do (the Triton kernel does): an in-kernel causal rule (a causal
+// mask comes as its BlockMask), pvthreshd, FP8 P·V. The host side (sm90.py, quant.py) sends
+// only calls without them.
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <cuda_bf16.h>
