@@ -126,6 +126,15 @@ __device__ __forceinline__ void tma_4d(uint32_t dst, const CUtensorMap* map, uin
       : "memory");
 }
 
+// A plain bulk copy (no tensor map) of `bytes` (a multiple of 16) into shared memory.
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes,
+                                          uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+      ::"r"(dst), "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
+}
+
 // Position in the STAGES-deep ring of K / V buffers: the stage, and the phase parity its
 // barriers are at (flips each time the ring wraps).
 template <int STAGES>
@@ -236,7 +245,7 @@ struct alignas(16) ItemInfo {
 // NC consumer warpgroups of 64 query rows each: 2 (128-row items), or 3 at head_dim 64
 // (192 rows: a third warp per scheduler to hide latency; a map's tiles are then walked in
 // pairs).
-template <int D, int BN, int STAGES, int NC>
+template <int D, int BN, int STAGES, int NC, bool PARTIAL>
 struct Layout {
   static constexpr int ROWS = 64 * NC;               // query rows per work item
   static constexpr int THREADS = 128 * (NC + 1);     // the producer warpgroup, then NC
@@ -259,19 +268,29 @@ struct Layout {
   static constexpr int V_OFF = K_OFF + STAGES * K_BYTES;
   static constexpr int BAR_OFF = V_OFF + STAGES * V_BYTES;
   static constexpr int N_BARS = 4 + 4 * STAGES;  // Q full / empty per slot, K and V rings
+  // PARTIAL with three consumer warpgroups: per stage, the rules of the item's two tiles
+  // (sm90.thread_bits), brought in with the stage's K (its "full" barrier counts them). With
+  // two, the consumers read their rule from global memory: the 4-8 KB would take the
+  // 128-row layouts past 164 KB of shared memory, the next carve-out halving the L1
+  // (causal 2 x 32 x 8,192 at D=128 ran 2-6 % slower with them).
+  static constexpr bool RULES_IN_SMEM = PARTIAL && NC == 3;
+  static constexpr int RULE_WORDS = BN / 64;           // per thread
+  static constexpr int RULE_BYTES = 256 * RULE_WORDS * 4;  // per tile
+  static constexpr int RULE_OFF = BAR_OFF + N_BARS * 8;
+  static constexpr int RULES_END = RULE_OFF + (RULES_IN_SMEM ? STAGES * 2 * RULE_BYTES : 0);
   // Per stage: the key block, its K scale and which of the item's map tiles keep it; then
   // the two Q slots' work items.
-  static constexpr int INFO_OFF = (BAR_OFF + N_BARS * 8 + 15) / 16 * 16;
+  static constexpr int INFO_OFF = (RULES_END + 15) / 16 * 16;
   static constexpr int ITEM_OFF = INFO_OFF + STAGES * int(sizeof(StageInfo));
   static constexpr int BYTES = ITEM_OFF + 2 * int(sizeof(ItemInfo));
   static constexpr int SWIZZLE_QK = D == 128 ? 128 : 64;  // an int8 row is D bytes
 };
 
 template <int D, int BN, int STAGES, int NC, bool PARTIAL, typename T>
-__global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
+__global__ void __launch_bounds__(Layout<D, BN, STAGES, NC, PARTIAL>::THREADS, 1)
     attn_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                 const __grid_constant__ CUtensorMap tm_v, const Params p) {
-  using L = Layout<D, BN, STAGES, NC>;
+  using L = Layout<D, BN, STAGES, NC, PARTIAL>;
   static_assert(NC == 2 || NC == 3, "two or three consumer warpgroups");
   extern __shared__ uint8_t smem_raw[];
   // 128-byte swizzle atoms must sit on 1024-byte boundaries.
@@ -389,7 +408,19 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
             part = p.part_at[idx + it - p.full_idx];
           bar_wait(ek + 8 * s, parity);
           stage_info[s] = StageInfo{j, scale, entry >> 24, {part.x, part.y}};
-          bar_expect(fk + 8 * s, L::K_BYTES);
+          if constexpr (L::RULES_IN_SMEM) {
+            // The tiles' rules land with K (one when both tiles are one: the last item).
+            const bool second = part.y >= 0 && part.y != part.x;
+            bar_expect(fk + 8 * s, L::K_BYTES + L::RULE_BYTES * ((part.x >= 0) + second));
+            const uint32_t rules = smem_addr(smem + L::RULE_OFF) + s * 2 * L::RULE_BYTES;
+            if (part.x >= 0)
+              bulk_copy(rules, p.bits + part.x * (L::RULE_BYTES / 4), L::RULE_BYTES, fk + 8 * s);
+            if (second)
+              bulk_copy(rules + L::RULE_BYTES, p.bits + part.y * (L::RULE_BYTES / 4),
+                        L::RULE_BYTES, fk + 8 * s);
+          } else {
+            bar_expect(fk + 8 * s, L::K_BYTES);
+          }
           tma_3d(sk + s * L::K_BYTES, &tm_k, fk + 8 * s, 0, j * BN, kv_head);
           bar_wait(ev + 8 * s, parity);
           bar_expect(fv + 8 * s, L::V_COPY_BYTES);
@@ -416,23 +447,36 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC>::THREADS, 1)
   uint64_t desc_q = 0;
   // PARTIAL: a partial tile's rule for the thread's scores, bit rh * BN / 4 + 2 i + b for
   // score 4 i + 2 rh + b (sm90.thread_bits).
-  constexpr int RULE_WORDS = BN / 64;
+  constexpr int RULE_WORDS = L::RULE_WORDS;
   uint32_t rule[RULE_WORDS];
-  // Whether this warpgroup's tile keeps stage s only in part; if so, its rule is loaded.
+  // Whether this warpgroup's tile keeps stage s only in part; if so, its rule is read (from
+  // the stage's copy in shared memory, which landed with K, or from global memory).
   auto load_rule = [&](int s) {
     if constexpr (!PARTIAL) {
       return false;
     } else {
       if (!(stage_info[s].tiles & (my_tile << 2))) return false;
-      const int part = stage_info[s].part[my_tile >> 1];
       // the thread's words: its 16-row group of the tile and its lane
       const int at = ((row_base % BLOCK_M) / 16 + (threadIdx.x / 32) % 4) * 32 + threadIdx.x % 32;
-      const unsigned* src = p.bits + (static_cast<long long>(part) * 256 + at) * RULE_WORDS;
-      if constexpr (RULE_WORDS == 2) {
-        const uint2 w = __ldg(reinterpret_cast<const uint2*>(src));
-        rule[0] = w.x, rule[1] = w.y;
+      if constexpr (L::RULES_IN_SMEM) {
+        const uint32_t* src = reinterpret_cast<const uint32_t*>(
+            smem + L::RULE_OFF + (2 * s + (my_tile >> 1)) * L::RULE_BYTES) + at * RULE_WORDS;
+        if constexpr (RULE_WORDS == 2) {
+          const uint2 w = *reinterpret_cast<const uint2*>(src);
+          rule[0] = w.x, rule[1] = w.y;
+        } else {
+          rule[0] = *src;
+        }
       } else {
-        rule[0] = __ldg(src);
+        const unsigned* src =
+            p.bits + (static_cast<long long>(stage_info[s].part[my_tile >> 1]) * 256 + at) *
+                         RULE_WORDS;
+        if constexpr (RULE_WORDS == 2) {
+          const uint2 w = __ldg(reinterpret_cast<const uint2*>(src));
+          rule[0] = w.x, rule[1] = w.y;
+        } else {
+          rule[0] = __ldg(src);
+        }
       }
       return true;
     }
@@ -778,10 +822,11 @@ cudaError_t multiprocessors(int* sms) {
 template <int D, int BN, int STAGES, int NC, typename T>
 int launch(const FsqArgs& a, const CUtensorMap& tq, const CUtensorMap& tk, const CUtensorMap& tv,
            const fsq::Params& p, char* err, int err_len) {
-  using L = fsq::Layout<D, BN, STAGES, NC>;
+  using L = fsq::Layout<D, BN, STAGES, NC, false>;
+  using LP = fsq::Layout<D, BN, STAGES, NC, true>;  // maps with partial tiles
   auto kernel = p.part_at ? fsq::attn_kernel<D, BN, STAGES, NC, true, T>
                           : fsq::attn_kernel<D, BN, STAGES, NC, false, T>;
-  const int smem = L::BYTES + 1024;
+  const int smem = (p.part_at ? LP::BYTES : L::BYTES) + 1024;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e == cudaSuccess) {
     // Persistent: one CTA per multiprocessor (the registers allow one), fewer for few items
