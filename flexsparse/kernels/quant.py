@@ -99,9 +99,9 @@ PARTIAL_COST = 1.6
 #: Per head_dim: how much faster the Hopper kernel runs a 128-column map than the Triton
 #: kernel, where it runs the call (``_tile_size`` weighs the 128-column shape with it).
 #: H100, 2026-11-26, token-granular radial maps (half their tiles partial / a fifth),
-#: ``benchmarks/quant.py --part hopper`` (queued): CogVideoX-2b 9.20 / 6.96 ms (D=64), Wan
-#: 69 f 15.9 / 12.1 ms (D=128).
-SM90_SPEEDUP = {64: 1.32, 128: 1.31}
+#: ``benchmarks/quant.py --part hopper`` (queued): CogVideoX-2b 9.21 / 6.63 ms (D=64), Wan
+#: 69 f 16.0 / 12.3 ms (D=128).
+SM90_SPEEDUP = {64: 1.39, 128: 1.30}
 #: Query tiles of a tile list in ``row_order`` (False: index order). Benchmarks flip it.
 ROW_ORDER = True
 #: Max over mean work per query tile above which ``row_order`` puts the longest first.
@@ -883,7 +883,7 @@ def _call_mode(call) -> str:
     - ``BLOCK_M`` rows or more (a prefill) run as a tile map, the mask's BlockMask with its
       diagonal tiles partial, faster than the Triton kernel runs the rule (H100,
       2026-11-26, ``benchmarks/quant.py --part hopper``, queued: 2 x 32 x 8,192, D=128,
-      1.66 against 1.87 ms; 2 x 30 x 17,776, D=64, 4.75 against 5.31 ms). The BlockMask
+      1.70 against 1.87 ms; 2 x 30 x 17,776, D=64, 4.73 against 5.37 ms). The BlockMask
       is built once per pair of lengths (a few ms);
     - fewer rows (speculative decoding, short chunks) keep the Triton kernel's rule: no
       build per step while the cache grows."""
