@@ -856,9 +856,13 @@ def _tile_size(call) -> tuple[int, int]:
         return (BLOCK_M, TILE_N)
     # Remembered per mask and shape: the choice is asked for twice a call (reasons, run).
     seen = _TILE_CHOICE.setdefault(call.mask, {})
-    hopper = tuple(w for _, w in TILE_SIZES if not sm90_reasons(call.q, call.v, tile_n=w))
-    key = (call.q_len, call.kv_len, call.head_dim, str(call.device), hopper)
+    # What decides whether the Hopper kernel runs it (sm90_reasons), cheaply: asked for
+    # only on a miss, not on every call.
+    v = call.v
+    key = (call.q_len, call.kv_len, call.head_dim, str(call.device), call.q.dtype, v.dtype,
+           v.stride(), v.data_ptr() % 16, sm90.MODE)
     if key not in seen:
+        hopper = tuple(w for _, w in TILE_SIZES if not sm90_reasons(call.q, v, tile_n=w))
 
         def cost(tile):
             counts = call.tile_counts(tile)
