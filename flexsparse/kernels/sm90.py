@@ -257,15 +257,16 @@ def thread_bits(bits: Tensor) -> Tensor:
     ``8 i + 2 (l % 4) + b``: one 4- or 8-byte load per thread and partial tile, and two
     registers at most (a tile's rows would take eight).
     """
+    from .quant import _pack_bits  # quant imports this module
+
     p, rows, words = bits.shape
     cols = 32 * words
     shifts = torch.arange(32, device=bits.device, dtype=torch.int32)
-    kept = ((bits[..., None] >> shifts) & 1).view(p, rows, cols)  # [P, 128, C], 0 / 1
+    kept = ((bits[..., None] >> shifts) & 1).bool().view(p, rows, cols)  # [P, 128, C]
     # rows 16 g + 8 rh + l // 4; columns 8 i + 2 q + b, with l = 4 (l // 4) + q
     kept = kept.view(p, 8, 2, 8, cols // 8, 4, 2).permute(0, 1, 3, 5, 2, 4, 6)
-    flat = kept.reshape(p, 8, 32, cols // 64, 32).to(torch.int64)  # bit rh * C / 4 + 2 i + b
-    words = (flat << shifts.to(torch.int64)).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+    # per thread (g, l): bit rh * C / 4 + 2 i + b of its C / 2 bits
+    return _pack_bits(kept.reshape(p, 256, cols // 2)).view(p, 8, 32, cols // 64)
 
 
 def attention(
