@@ -458,25 +458,19 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC, PARTIAL>::THREADS, 1
       if (!(stage_info[s].tiles & (my_tile << 2))) return false;
       // the thread's words: its 16-row group of the tile and its lane
       const int at = ((row_base % BLOCK_M) / 16 + (threadIdx.x / 32) % 4) * 32 + threadIdx.x % 32;
-      if constexpr (L::RULES_IN_SMEM) {
-        const uint32_t* src = reinterpret_cast<const uint32_t*>(
-            smem + L::RULE_OFF + (2 * s + (my_tile >> 1)) * L::RULE_BYTES) + at * RULE_WORDS;
-        if constexpr (RULE_WORDS == 2) {
-          const uint2 w = *reinterpret_cast<const uint2*>(src);
-          rule[0] = w.x, rule[1] = w.y;
-        } else {
-          rule[0] = *src;
-        }
+      const uint32_t* src;
+      if constexpr (L::RULES_IN_SMEM)
+        src = reinterpret_cast<const uint32_t*>(smem + L::RULE_OFF +
+                                                (2 * s + (my_tile >> 1)) * L::RULE_BYTES);
+      else
+        src = p.bits + static_cast<long long>(stage_info[s].part[my_tile >> 1]) * 256 *
+                           RULE_WORDS;
+      src += at * RULE_WORDS;
+      if constexpr (RULE_WORDS == 2) {
+        const uint2 w = *reinterpret_cast<const uint2*>(src);
+        rule[0] = w.x, rule[1] = w.y;
       } else {
-        const unsigned* src =
-            p.bits + (static_cast<long long>(stage_info[s].part[my_tile >> 1]) * 256 + at) *
-                         RULE_WORDS;
-        if constexpr (RULE_WORDS == 2) {
-          const uint2 w = __ldg(reinterpret_cast<const uint2*>(src));
-          rule[0] = w.x, rule[1] = w.y;
-        } else {
-          rule[0] = __ldg(src);
-        }
+        rule[0] = *src;
       }
       return true;
     }
