@@ -436,6 +436,20 @@ _PREPASS = _INTERPRETER_FIX + textwrap.dedent(
         torch.testing.assert_close(ks, rks, rtol=1e-5, atol=0)
         assert ks.max() < 6 / 127  # the offset (up to 6, plus noise up to ~4.5) is gone
         assert (qi[:, :, 150:] == 0).all() and (ki[:, :, k.shape[2]:] == 0).all()
+        # The norms: Q's per row, K's largest per block (with its margin), in float units,
+        # and the bound they give on every dequantized score.
+        *same, qn, kn = _quantize_qk(q, k, 0.5, 256, nk_pad, block_n, norms=True)
+        for a, b in zip(same, (qi, qs, ki, ks)):
+            assert torch.equal(a, b)
+        qf = qi.double() * qs.double().repeat_interleave(128, -1)[..., None]
+        kf = ki.double() * ks.double().repeat_interleave(block_n, -1)[..., None]
+        torch.testing.assert_close(qn.double(), qf.norm(dim=-1), rtol=1e-6, atol=0)
+        k_rows = kf.norm(dim=-1).unflatten(-1, (-1, block_n)).amax(-1)
+        torch.testing.assert_close(kn.double(), k_rows * (1 + 2**-10), rtol=1e-6, atol=0)
+        assert (qn[:, :, 150:] == 0).all()
+        dots = (qf @ kf.repeat_interleave(2, 1).transpose(-1, -2)).unflatten(-1, (-1, block_n))
+        bound = qn.double()[..., None] * kn.double().repeat_interleave(2, 1)[:, :, None]
+        assert (dots.abs().amax(-1) <= bound).all()
     print("DIFFERING", worst)
     """
 )

@@ -35,17 +35,22 @@ AMAX_EPS = tl.constexpr(1e-20)
 #: exactly 0, which the compiler's FMA contraction can turn into -1 ulp; without slack
 #: pvthreshd=0 then skipped such blocks (14.5 % off the reference at block_n=64, H100).
 PVT_SLACK = tl.constexpr(2.0**-10)
+#: Relative margin on a K block's largest row norm (``quant.NORM_MARGIN``).
+NORM_MARGIN = tl.constexpr(2.0**-10)
 
 
 @triton.jit
 def _quant_block(
-    X, Mean, Out, Scale, sxb, sxh, sxn, blk, bh, H, N, N_PAD, NB, mul,
-    HAS_MEAN: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
+    X, Mean, Out, Scale, Norm, sxb, sxh, sxn, blk, bh, H, N, N_PAD, NB, mul,
+    HAS_MEAN: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
 ):
     """Block ``blk`` of ``BLOCK`` rows of (b, h) = divmod(bh, H): ``x * mul - mean`` ->
     int8 + fp32 scale. X: [B, H, N, D] (last dim contiguous). Mean: a [D] fp32 block
     (read only with HAS_MEAN).
-    Out: int8 [B, H, N_PAD, D], padded rows written as zeros. Scale: [B, H, NB]."""
+    Out: int8 [B, H, N_PAD, D], padded rows written as zeros. Scale: [B, H, NB].
+    Norm (``quant.NORM_*``): nothing, each row's Euclidean norm of the quantized values
+    times the scale ([B, H, N_PAD]), or the block's largest ([B, H, NB], times
+    ``1 + NORM_MARGIN`` so that a product of two norms bounds the float dot)."""
     b = bh // H
     h = bh % H
     rows = blk * BLOCK + tl.arange(0, BLOCK)
@@ -63,25 +68,34 @@ def _quant_block(
     dst = Out + bh.to(tl.int64) * N_PAD * D
     tl.store(dst + rows[:, None] * D + cols[None, :], y, mask=(rows < N_PAD)[:, None])
     tl.store(Scale + bh.to(tl.int64) * NB + blk, amax / 127.0)
+    if NORM != 0:
+        yf = y.to(tl.float32)
+        norm = tl.sqrt(tl.sum(yf * yf, 1)) * (amax / 127.0)
+        if NORM == 1:
+            tl.store(Norm + bh.to(tl.int64) * N_PAD + rows, norm, mask=rows < N_PAD)
+        else:
+            tl.store(Norm + bh.to(tl.int64) * NB + blk, tl.max(norm, 0) * (1.0 + NORM_MARGIN))
 
 
 @triton.jit
 def _quant_q_sum_k(
-    Q, K, QOut, QScale, Part,
+    Q, K, QOut, QScale, QNorm, Part,
     sqb, sqh, sqn, skb, skh, skn,
     HQ, HKV, NQ, NQ_PAD, NQB, NK, Q_PROGS, STEP, PARTS, q_mul,
-    BLOCK_Q: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr,
+    NORMS: tl.constexpr, BLOCK_Q: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr,
 ):
     """Q to INT8, and the sums of ``quant.k_mean``'s sample of K, in one grid.
 
     Programs ``[0, Q_PROGS = NQB * B * HQ)`` quantize a ``BLOCK_Q``-row block of Q (times
     ``q_mul``) into QOut / QScale. Program ``Q_PROGS + bh * PARTS + part`` adds up keys
     ``STEP * i`` of (b, h) = divmod(bh, HKV), i in ``[part * CHUNK, part * CHUNK + CHUNK)``
-    (those below NK), into Part [B * HKV, PARTS, D] (fp32)."""
+    (those below NK), into Part [B * HKV, PARTS, D] (fp32). NORMS: Q's row norms into
+    QNorm [B, HQ, NQ_PAD] too."""
     pid = tl.program_id(0)
     if pid < Q_PROGS:
-        _quant_block(Q, Q, QOut, QScale, sqb, sqh, sqn, pid % NQB, pid // NQB, HQ, NQ,
-                     NQ_PAD, NQB, q_mul, HAS_MEAN=False, BLOCK=BLOCK_Q, D=D)
+        _quant_block(Q, Q, QOut, QScale, QNorm, sqb, sqh, sqn, pid % NQB, pid // NQB, HQ, NQ,
+                     NQ_PAD, NQB, q_mul, HAS_MEAN=False, NORM=1 if NORMS else 0,
+                     BLOCK=BLOCK_Q, D=D)
     else:
         pid -= Q_PROGS
         part = pid % PARTS
@@ -99,12 +113,12 @@ def _quant_q_sum_k(
 
 @triton.jit
 def _quant_k(
-    K, Part, KOut, KScale, skb, skh, skn, HKV, NK, NK_PAD, NKB, PARTS, n_samples,
-    BLOCK_K: tl.constexpr, D: tl.constexpr, PARTS_P2: tl.constexpr,
+    K, Part, KOut, KScale, KNorm, skb, skh, skn, HKV, NK, NK_PAD, NKB, PARTS, n_samples,
+    NORMS: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, PARTS_P2: tl.constexpr,
 ):
     """Block ``program_id(0)`` of ``BLOCK_K`` rows of K (b, h) = divmod(program_id(1),
     HKV), minus the sample mean (``Part`` [B * HKV, PARTS, D] summed, over
-    ``n_samples``), to INT8."""
+    ``n_samples``), to INT8. NORMS: the block's largest row norm into KNorm [B, HKV, NKB]."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     parts = tl.arange(0, PARTS_P2)
@@ -112,8 +126,8 @@ def _quant_k(
     sums = tl.load(Part + (bh.to(tl.int64) * PARTS + parts[:, None]) * D + cols[None, :],
                    mask=(parts < PARTS)[:, None], other=0.0)
     mean = tl.sum(sums, 0) / n_samples
-    _quant_block(K, mean, KOut, KScale, skb, skh, skn, blk, bh, HKV, NK, NK_PAD, NKB, 1.0,
-                 HAS_MEAN=True, BLOCK=BLOCK_K, D=D)
+    _quant_block(K, mean, KOut, KScale, KNorm, skb, skh, skn, blk, bh, HKV, NK, NK_PAD, NKB,
+                 1.0, HAS_MEAN=True, NORM=2 if NORMS else 0, BLOCK=BLOCK_K, D=D)
 
 
 @triton.jit

@@ -62,6 +62,9 @@ from . import sm90
 LOG2E = 1.4426950408889634
 #: Slack of the pvthreshd test (log2 units; ``_triton_quant.PVT_SLACK``).
 PVT_SLACK = 2.0**-10
+#: Relative margin on a K block's largest row norm (``_quantize_qk``'s ``kn``), far above the
+#: fp32 rounding of the norms and their product: the bound stays a bound.
+NORM_MARGIN = 2.0**-10
 LOG2_FP8_MAX = math.log2(448.0)
 FP8_MAX = 448.0
 AMAX_EPS = 1e-20
@@ -588,7 +591,7 @@ K_SUM_CHUNK = 256
 
 
 def _quantize_qk(q: Tensor, k: Tensor, q_mul: float, nq_pad: int, nk_pad: int,
-                 block_n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 block_n: int, norms: bool = False) -> tuple[Tensor, ...]:
     """Steps 1 and 2 of the arithmetic in two launches: Q with the sums of ``k_mean``'s
     sample (in parts), then K. Two launches and no PyTorch reduction, the long Q pass
     first: the GPU works on it while the host prepares the next launch, so little of the
@@ -597,11 +600,16 @@ def _quantize_qk(q: Tensor, k: Tensor, q_mul: float, nq_pad: int, nk_pad: int,
     Args:
         q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nk, D]`` with unit last stride; q_mul: Q's
         factor; nq_pad, nk_pad: padded lengths (multiples of ``BLOCK_M`` and ``block_n``);
-        block_n: K rows per scale.
+        block_n: K rows per scale; norms: whether to return the norms below too.
 
     Returns:
         ``qi`` int8 ``[B, Hq, nq_pad, D]``, ``qs`` fp32 ``[B, Hq, nq_pad / BLOCK_M]``,
-        ``ki`` int8 ``[B, Hkv, nk_pad, D]``, ``ks`` fp32 ``[B, Hkv, nk_pad / block_n]``.
+        ``ki`` int8 ``[B, Hkv, nk_pad, D]``, ``ks`` fp32 ``[B, Hkv, nk_pad / block_n]``;
+        with ``norms``, then ``qn`` fp32 ``[B, Hq, nq_pad]`` (each quantized row's norm,
+        in the units of ``qi * qs``) and ``kn`` fp32 ``[B, Hkv, nk_pad / block_n]`` (each
+        K block's largest, times ``1 + NORM_MARGIN``): ``qn[i] * kn[j]`` bounds every
+        dequantized score of row i against block j (Cauchy-Schwarz), which lets the sm90
+        kernel skip a block's row maxima when they cannot move the running ones.
     """
     from . import _triton_quant as K
     from .meansim_fast import triton_next_pow2
@@ -616,21 +624,23 @@ def _quantize_qk(q: Tensor, k: Tensor, q_mul: float, nq_pad: int, nk_pad: int,
     qi = torch.empty(bsz, hq, nq_pad, d, dtype=torch.int8, device=dev)
     qs = torch.empty(bsz, hq, nqb, dtype=torch.float32, device=dev)
     part_sums = torch.empty(bsz * hkv, parts, d, dtype=torch.float32, device=dev)
+    qn = torch.empty(bsz, hq, nq_pad, dtype=torch.float32, device=dev) if norms else qs
     q_progs = nqb * bsz * hq
     K._quant_q_sum_k[(q_progs + parts * bsz * hkv,)](
-        q, k, qi, qs, part_sums,
+        q, k, qi, qs, qn, part_sums,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         hq, hkv, nq, nq_pad, nqb, nk, q_progs, step, parts, q_mul,
-        BLOCK_Q=BLOCK_M, CHUNK=K_SUM_CHUNK, D=d, num_warps=4,
+        NORMS=norms, BLOCK_Q=BLOCK_M, CHUNK=K_SUM_CHUNK, D=d, num_warps=4,
     )
     ki = torch.empty(bsz, hkv, nk_pad, d, dtype=torch.int8, device=dev)
     ks = torch.empty(bsz, hkv, nkb, dtype=torch.float32, device=dev)
+    kn = torch.empty(bsz, hkv, nkb, dtype=torch.float32, device=dev) if norms else ks
     K._quant_k[(nkb, bsz * hkv)](
-        k, part_sums, ki, ks, k.stride(0), k.stride(1), k.stride(2), hkv, nk, nk_pad, nkb,
-        parts, float(n_samples), BLOCK_K=block_n, D=d, PARTS_P2=triton_next_pow2(parts),
-        num_warps=4,
+        k, part_sums, ki, ks, kn, k.stride(0), k.stride(1), k.stride(2), hkv, nk, nk_pad, nkb,
+        parts, float(n_samples), NORMS=norms, BLOCK_K=block_n, D=d,
+        PARTS_P2=triton_next_pow2(parts), num_warps=4,
     )
-    return qi, qs, ki, ks
+    return (qi, qs, ki, ks, qn, kn) if norms else (qi, qs, ki, ks)
 
 
 def quant_attention(
@@ -738,7 +748,7 @@ def quant_attention(
     nkb = nk_pad // block_n
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    qi, qs, ki, ks = _quantize_qk(q, k, scale * LOG2E, nq_pad, nk_pad, block_n)
+    qi, qs, ki, ks, *norms = _quantize_qk(q, k, scale * LOG2E, nq_pad, nk_pad, block_n, hopper)
     sv = ks  # read only with fp8 P·V
     if fp8:
         sv = v_channel_scale(v).contiguous()
@@ -770,7 +780,7 @@ def quant_attention(
     out = torch.empty(bsz, hq, nq, d, dtype=q.dtype, device=dev)
     if hopper:
         return sm90.attention(
-            qi, qs, ki, ks, vq, out, block_n=block_n, lists=lists, order=ROW_ORDER,
+            qi, qs, ki, ks, vq, out, block_n=block_n, lists=lists, order=ROW_ORDER, norms=norms,
         )
 
     if lists is not None:

@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -99,7 +100,8 @@ class _Args(ctypes.Structure):
         for name in ("v_sb", "v_sh", "v_sn", "o_sb", "o_sh", "o_sn", "snb", "snh", "sib", "sih",
                      "siq", "batch", "hq", "hkv", "nq", "nk", "nq_pad", "nk_pad", "d", "bn",
                      "bf16", "nqb", "nkb", "n_dense", "pingpong", "nc", "n_tiles")
-    ] + [("work", ctypes.c_ulonglong), ("max_ctas", ctypes.c_longlong)]
+    ] + [("work", ctypes.c_ulonglong), ("max_ctas", ctypes.c_longlong),
+         ("qn", ctypes.c_ulonglong), ("kn", ctypes.c_ulonglong)]
 
 
 def build(nvcc: str, root: Path | None = None, extra_flags: tuple[str, ...] = ()) -> Path:
@@ -280,6 +282,7 @@ def attention(
     block_n: int,
     lists=None,
     order: bool = False,
+    norms: Sequence[Tensor] = (),
 ) -> Tensor:
     """Runs the kernel into ``out``.
 
@@ -294,6 +297,9 @@ def attention(
         lists: ``quant.TileLists`` (partial tiles included), or None for dense.
         order: whether the persistent CTAs take a map's query tiles (or tile pairs) by
             decreasing work (``quant.row_order``) rather than in index order.
+        norms: ``(qn, kn)`` of ``quant._quantize_qk(..., norms=True)``: the kernel then
+            skips a block's row maxima where ``qn * kn`` shows they cannot move the running
+            ones (same result, fewer instructions); ``()``: always computes them.
     """
     lib, err = _library()
     if lib is None:
@@ -347,6 +353,14 @@ def attention(
                                  or MAX_CTAS < 1):
         raise ValueError(f"sm90.MAX_CTAS must be None or a positive int, got {MAX_CTAS!r}")
     a.max_ctas = MAX_CTAS or 0
+    if norms:
+        qn, kn = norms
+        if qn.shape != qi.shape[:3] or kn.shape != ks.shape:
+            raise ValueError(
+                f"norms must be [B, Hq, NQ_PAD] {tuple(qi.shape[:3])} and [B, Hkv, NKB] "
+                f"{tuple(ks.shape)}, got {tuple(qn.shape)} and {tuple(kn.shape)}"
+            )
+        a.qn, a.kn = qn.data_ptr(), kn.data_ptr()
     err_buf = ctypes.create_string_buffer(512)
     with torch.cuda.device(qi.device):
         if lib.fsq_attention_sm90(ctypes.byref(a), err_buf, len(err_buf)):

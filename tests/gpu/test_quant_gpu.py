@@ -369,18 +369,11 @@ def test_sm90_three_warpgroups(nq, tiles, monkeypatch):
 @pytest.mark.parametrize("jump", [0.0, 24.0])
 def test_sm90_rising_maxima(d, dtype, jump, monkeypatch):
     """Scores that rise along the keys, by ~7 log2 units per 128-key block, so that each
-    block's maximum lands within the kernel's rescale slack (P above 1, up to 2^8, with
+    block's maximum lands within the kernel's rescale slack (P above 1, up to 2^14, with
     O not rescaled) and every few blocks past it (O rescaled); ``jump`` adds a rise of
     ~35 log2 units halfway, far past the slack. Dense and on a tile map, in each layout."""
-    g = torch.Generator(device="cuda").manual_seed(7)
     nq, nk = 300, 1100
-    # q ~ 1 per channel, k ~ rise / sqrt(d): scores of rise * log2(e) in log2 units
-    rise = torch.linspace(0, 42, nk, device="cuda")
-    rise[nk // 2:] += jump
-    q = 1 + 0.1 * torch.randn(1, 4, nq, d, device="cuda", generator=g)
-    k = rise[:, None] / d**0.5 + 0.3 * torch.randn(1, 2, nk, d, device="cuda", generator=g)
-    v = torch.randn(1, 2, nk, d, device="cuda", generator=g)
-    q, k, v = (t.to(dtype) for t in (q, k, v))
+    q, k, v = rising_qkv(nq, nk, d, dtype, jump)
     kept = torch.rand(1, 4, 3, 9, generator=torch.Generator().manual_seed(1)) < 0.7
     kept[..., -1] = True
     for nc, pp in ((2, True), (2, False)) + (((3, False),) if d == 64 else ()):
@@ -396,6 +389,64 @@ def test_sm90_rising_maxima(d, dtype, jump, monkeypatch):
                 tiles.repeat_interleave(128, -2).repeat_interleave(128, -1)[..., :nq, :nk])
             exact = masked_attention(q, k, v, allowed)
             assert rel_l2(out.cpu(), exact) < 3e-2 and cosine(out.cpu(), exact) > 0.999
+
+
+def rising_qkv(nq, nk, d, dtype, jump=0.0, seed=7):
+    """q ~ 1 per channel, k ~ rise / sqrt(d): scores that rise along the keys by ~7 log2
+    units per 128-key block, plus ``jump`` halfway."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    rise = torch.linspace(0, 42 * nk / 1100, nk, device="cuda")
+    rise[nk // 2:] += jump
+    q = 1 + 0.1 * torch.randn(1, 4, nq, d, device="cuda", generator=g)
+    k = rise[:, None] / d**0.5 + 0.3 * torch.randn(1, 2, nk, d, device="cuda", generator=g)
+    v = torch.randn(1, 2, nk, d, device="cuda", generator=g)
+    return tuple(t.to(dtype) for t in (q, k, v))
+
+
+@needs_sm90
+@pytest.mark.parametrize("d, consumers, pingpong", [(64, 3, False), (64, 2, False),
+                                                    (128, 2, True), (128, 2, False)])
+def test_sm90_norm_bound_changes_no_bit(d, consumers, pingpong, monkeypatch):
+    """The kernel skips a block's row maxima where ``|q| |k|`` (the norms of Q's row and
+    of K's block) bounds every score within the rescale slack: the same bits as computing
+    them, on flat attention (the bound holds on most blocks at head_dim 64), on scores
+    rising along the keys (it fails where a maximum moves), on rows of both kinds in one
+    warp, dense, on a tile map and with partial tiles. A false bound (K norms of 0) must
+    change the rising case's result: the skip is live."""
+    from flexsparse.kernels import quant
+
+    monkeypatch.setitem(sm90.CONSUMERS, d, consumers)
+    monkeypatch.setitem(sm90.PINGPONG, d, pingpong)
+    quantize = quant._quantize_qk
+
+    def without_norms(*args):
+        return quantize(*args[:6])
+
+    def false_bound(*args):
+        *same, qn, kn = quantize(*args)
+        return (*same, qn, torch.zeros_like(kn))
+
+    n = 1100
+    flat = qkv(1, 4, 2, n, n, d, torch.bfloat16, 40)
+    rising = rising_qkv(n, n, d, torch.float16, jump=24.0)
+    mixed = (rising[0].clone(), *rising[1:])
+    mixed[0][:, :, ::2] *= 0.02  # every other row flat
+    kept = torch.rand(1, 4, -(-n // 128), -(-n // 128),
+                      generator=torch.Generator().manual_seed(d)) < 0.7
+    kept[..., -1] = True
+    partial = pattern("radial_token", n).block_mask(n, n, device="cuda", block_size=(128, 128))
+    for name, (q, k, v) in (("flat", flat), ("rising", rising), ("mixed", mixed)):
+        for kw in (dict(), dict(kept=kept), dict(block_mask=partial)):
+            out = quant_attention(q, k, v, kernel="sm90", **kw)
+            with monkeypatch.context() as m:
+                m.setattr(quant, "_quantize_qk", without_norms)
+                plain = quant_attention(q, k, v, kernel="sm90", **kw)
+            assert torch.equal(out, plain), (name, list(kw))
+            if name == "rising":
+                with monkeypatch.context() as m:
+                    m.setattr(quant, "_quantize_qk", false_bound)
+                    wrong = quant_attention(q, k, v, kernel="sm90", **kw)
+                assert not torch.equal(wrong.nan_to_num(), out), list(kw)
 
 
 def masked_attention(q, k, v, allowed=None):

@@ -53,8 +53,11 @@ constexpr float MAGIC_FLOAT = 12582912.0f;
 // finite maximum far below its scores (exact softmax all the same: its probabilities are 0
 // and O is 0 until a kept pair comes, which rescales it, or stays within the slack).
 constexpr int MASKED = int(0xFF800000u - 0x4B400000u);
-// How far (log2 units) a row's maximum may rise before O is rescaled: P <= 2^8.
-constexpr float RESCALE_SLACK = 8.0f;
+// How far (log2 units) a row's maximum may rise before O is rescaled: P <= 2^14, which
+// fp16 (up to 65504) holds. FlashAttention-4 uses 8; at 14 the norm bound of `softmax`
+// holds on most blocks of flat attention at head_dim 64, at 8 or 11 it seldom did (measured
+// on random inputs: the bound is ~14 log2 units there, a row's first maximum ~3.7).
+constexpr float RESCALE_SLACK = 14.0f;
 
 struct Params {
   const float* qs;        // [B, Hq, NQB]
@@ -69,10 +72,15 @@ struct Params {
   const unsigned* bits;   // [P, 8, 32, BN / 64]: sm90.thread_bits of quant.TileLists.bits
   long long sob, soh, son;
   long long snb, snh, sib, sih, siq;
-  int hq, group, hkv, nq, nk, nqb, nkb, n_dense, pingpong;
+  int hq, group, hkv, nq, nk, nqb, nkb, n_dense, pingpong, nq_pad;
   int n_tiles, n_items;  // ROWS-row query tiles per head; work items (tiles x heads)
   int max_ctas;          // the grid's cap (0: one CTA per multiprocessor)
   int* work;             // the next work item to hand out, 0 at launch
+  // Norms of the quantized rows, in float units (quant._quantize_qk): Q's per row [B, Hq,
+  // NQ_PAD], each K block's largest with a margin [B, Hkv, NKB]. Their product bounds a
+  // row's scores against the block (log2 units); null: no bound.
+  const float* qn;
+  const float* kn;
 };
 
 // -- shared memory, barriers, copies --------------------------------------------------
@@ -225,12 +233,14 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 
 // What the producer tells the consumers about a stage: the key block, its K scale, which of
 // the item's map tiles keep it (bits 0 and 1, pairs) and keep it only in part (bits 2 and 3,
-// PARTIAL), and where those two tiles' rules are in `bits`.
+// PARTIAL), where those two tiles' rules are in `bits`, and the block's largest K norm
+// (Params::kn; infinity without).
 struct alignas(16) StageInfo {
   int block;
   float scale;
   int tiles;
   int part[2];
+  float k_norm;
 };
 
 // A work item as the producer hands it out with its Q: the query tile (of ROWS rows), the
@@ -395,19 +405,20 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC, PARTIAL>::THREADS, 1
         const int kv_head = b * p.hkv + hk;
         const int* idx = lists ? p.full_idx + b * p.sib + h * p.sih + tile_m * p.siq : nullptr;
         const float* k_scale = p.ks + (long long)kv_head * p.nkb;
+        const float* k_norm = p.kn + (long long)kv_head * p.nkb;
         int entry = n_blocks > 0 ? (idx ? idx[0] : 0) : 0;
 #pragma unroll 1
         for (int it = 0; it < n_blocks; ++it, ring.advance()) {
           // The "empty" barriers start a phase ahead: the first round waits on none.
           const int s = ring.stage, parity = ring.parity ^ 1;
           const int j = entry & 0xFFFFFF;
-          const float scale = k_scale[j];
+          const float scale = k_scale[j], norm = p.kn ? k_norm[j] : INFINITY;
           const int next = it + 1 < n_blocks ? (idx ? idx[it + 1] : it + 1) : 0;
           int2 part = make_int2(-1, -1);
           if (PARTIAL && (entry & (3 << 26)))  // an entry of a list: idx is not null
             part = p.part_at[idx + it - p.full_idx];
           bar_wait(ek + 8 * s, parity);
-          stage_info[s] = StageInfo{j, scale, entry >> 24, {part.x, part.y}};
+          stage_info[s] = StageInfo{j, scale, entry >> 24, {part.x, part.y}, norm};
           if constexpr (L::RULES_IN_SMEM) {
             // The tiles' rules land with K (one when both tiles are one: the last item).
             const bool second = part.y >= 0 && part.y != part.x;
@@ -444,6 +455,7 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC, PARTIAL>::THREADS, 1
   // past the end, which then skip every block), their Q scale and Q descriptor.
   int row_base = 0, my_tile = 0;
   float c_q = 0.f;
+  float q_norm0 = INFINITY, q_norm1 = INFINITY;  // of the thread's two rows (Params::qn)
   uint64_t desc_q = 0;
   // PARTIAL: a partial tile's rule for the thread's scores, bit rh * BN / 4 + 2 i + b for
   // score 4 i + 2 rh + b (sm90.thread_bits).
@@ -531,7 +543,7 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC, PARTIAL>::THREADS, 1
   // rescale / log_alpha what O is to be multiplied by. Columns past the keys get the score
   // INT_MIN (MASKED in PARTIAL), and probability 0. `partial` (PARTIAL): `rule` masks the
   // block's pairs too.
-  auto softmax = [&](int j, float k_scale, bool partial) {
+  auto softmax = [&](int j, float k_scale, float k_norm, bool partial) {
     fence_regs(sc);
     const float c = c_q * k_scale;
     const bool ragged = (j + 1) * BN > p.nk;
@@ -558,24 +570,34 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC, PARTIAL>::THREADS, 1
         }
       }
     }
-    int mi0 = __vimax3_s32(sc[0], sc[1], INT_MIN), mi1 = __vimax3_s32(sc[2], sc[3], INT_MIN);
-    int mj0 = INT_MIN, mj1 = INT_MIN;  // two chains per row
+    // The block's row maxima, unless no score of the warp's rows can exceed its row's running
+    // maximum by more than RESCALE_SLACK: |q . k| <= |q| |k| (Params::qn, kn) bounds them,
+    // and a bound within the slack moves nothing (the result is the same). This skips the
+    // chain maxima -> shuffles -> exponentials, the consumers' longest, on most blocks of
+    // flat attention. Never while a row has no maximum yet (-inf).
+    int mi0 = INT_MIN, mi1 = INT_MIN;
+    if (!__all_sync(0xffffffff, q_norm0 * k_norm <= m0 + RESCALE_SLACK &&
+                                    q_norm1 * k_norm <= m1 + RESCALE_SLACK)) {
+      mi0 = __vimax3_s32(sc[0], sc[1], INT_MIN);
+      mi1 = __vimax3_s32(sc[2], sc[3], INT_MIN);
+      int mj0 = INT_MIN, mj1 = INT_MIN;  // two chains per row
 #pragma unroll
-    for (int i = 1; i < BN / 8; ++i) {
-      if (i % 2) {
-        mj0 = __vimax3_s32(mj0, sc[4 * i], sc[4 * i + 1]);
-        mj1 = __vimax3_s32(mj1, sc[4 * i + 2], sc[4 * i + 3]);
-      } else {
-        mi0 = __vimax3_s32(mi0, sc[4 * i], sc[4 * i + 1]);
-        mi1 = __vimax3_s32(mi1, sc[4 * i + 2], sc[4 * i + 3]);
+      for (int i = 1; i < BN / 8; ++i) {
+        if (i % 2) {
+          mj0 = __vimax3_s32(mj0, sc[4 * i], sc[4 * i + 1]);
+          mj1 = __vimax3_s32(mj1, sc[4 * i + 2], sc[4 * i + 3]);
+        } else {
+          mi0 = __vimax3_s32(mi0, sc[4 * i], sc[4 * i + 1]);
+          mi1 = __vimax3_s32(mi1, sc[4 * i + 2], sc[4 * i + 3]);
+        }
       }
+      mi0 = max(mi0, mj0);
+      mi1 = max(mi1, mj1);
+      mi0 = max(mi0, __shfl_xor_sync(0xffffffff, mi0, 1));
+      mi0 = max(mi0, __shfl_xor_sync(0xffffffff, mi0, 2));
+      mi1 = max(mi1, __shfl_xor_sync(0xffffffff, mi1, 1));
+      mi1 = max(mi1, __shfl_xor_sync(0xffffffff, mi1, 2));
     }
-    mi0 = max(mi0, mj0);
-    mi1 = max(mi1, mj1);
-    mi0 = max(mi0, __shfl_xor_sync(0xffffffff, mi0, 1));
-    mi0 = max(mi0, __shfl_xor_sync(0xffffffff, mi0, 2));
-    mi1 = max(mi1, __shfl_xor_sync(0xffffffff, mi1, 1));
-    mi1 = max(mi1, __shfl_xor_sync(0xffffffff, mi1, 2));
     // A row's running maximum moves only when the block's exceeds it by more than
     // RESCALE_SLACK (FlashAttention-4's conditional rescaling): P then stays below
     // 2^RESCALE_SLACK, which 16-bit P and the fp32 accumulators hold as precisely, and O
@@ -662,6 +684,12 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC, PARTIAL>::THREADS, 1
     row_base = tile_m * L::ROWS + half * 64;
     my_tile = row_base >= p.nq ? 0 : 1 << (row_base / BLOCK_M - tile_m * L::ROWS / BLOCK_M);
     c_q = item_info[slot].c_q[half];
+    if (p.qn) {
+      const float* qn = p.qn + ((long long)item_info[slot].b * p.hq + item_info[slot].h) * p.nq_pad;
+      const int row0 = row_base + warp * 16 + lane / 4, row1 = row0 + 8;
+      q_norm0 = row0 < p.nq_pad ? qn[row0] : 0.f;
+      q_norm1 = row1 < p.nq_pad ? qn[row1] : 0.f;
+    }
     desc_q = smem_desc<L::SWIZZLE_QK>(s_q + slot * L::Q_BYTES + half * 64 * D, 16, SBO_QK);
 #pragma unroll
     for (int i = 0; i < NO; ++i) o[i] = 0.f;
@@ -692,7 +720,7 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC, PARTIAL>::THREADS, 1
         info = stage_info[s];
         const bool partial = load_rule(s);
         wgmma_wait<0>();
-        softmax(info.block, info.scale, partial);
+        softmax(info.block, info.scale, info.k_norm, partial);
         release(empty_k + s);
       } else {
         bar_wait(full_v + prev, prev_parity);
@@ -703,7 +731,7 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC, PARTIAL>::THREADS, 1
         info = stage_info[s];
         const bool partial = load_rule(s);
         wgmma_wait<1>();  // the scores are in; P·V of the previous block may still run
-        softmax(info.block, info.scale, partial);
+        softmax(info.block, info.scale, info.k_norm, partial);
         release(empty_k + s);
         wgmma_wait<0>();
         fence_regs(o);
@@ -751,6 +779,7 @@ struct FsqArgs {
   long long nc, n_tiles;  // consumer warpgroups (2, or 3 at D=64); query tiles per head
   unsigned long long work;  // int32 work-item counter, zero
   long long max_ctas;       // at most this many CTAs (0: one per multiprocessor)
+  unsigned long long qn, kn;  // norms of the quantized rows (quant._quantize_qk; null: none)
 };
 
 }
@@ -923,6 +952,9 @@ extern "C" int fsq_attention_sm90(const FsqArgs* a, char* err, int err_len) {
   p.n_items = int(a->n_tiles * a->batch * a->hq);
   p.work = reinterpret_cast<int*>(a->work);
   p.max_ctas = int(std::min<long long>(std::max<long long>(a->max_ctas, 0), INT_MAX));
+  p.nq_pad = int(a->nq_pad);
+  p.qn = reinterpret_cast<const float*>(a->qn);
+  p.kn = reinterpret_cast<const float*>(a->kn);
 
 #define FSQ_CASE(D_, BN_, T_)                                             \
   if (d == D_ && bn == BN_ && (a->bf16 != 0) == std::is_same<T_, __nv_bfloat16>::value) \
