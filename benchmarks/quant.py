@@ -11,6 +11,7 @@ and the legacy kernel (``flexsparse.kernels._legacy``, the kernel of 2026-11-24)
     python benchmarks/quant.py --part d128     # launch variants on the Wan radial map
     python benchmarks/quant.py --part stages   # pipeline depth of the tile-list loop
     python benchmarks/quant.py --part hopper   # partial tiles: Hopper kernel vs Triton's
+    python benchmarks/quant.py --part bound    # Hopper kernel with and without the norm bound
 
 Effective TOPS = 4 * B * H * Nq * Nk * D * density / time. Writes ``$OUT/quant_<part>.json``
 and ``.md`` when ``OUT`` is set.
@@ -717,6 +718,48 @@ def hopper_part(gen, flex) -> list[dict]:
     return rows
 
 
+def bound_part(gen) -> list[dict]:
+    """The norm bound of the Hopper kernel (a block's row maxima skipped where ``|q| |k|``
+    keeps its scores within the rescale slack): the kernel with the norms and without them
+    (``_quantize_qk`` patched to return none), same inputs, same bits; random inputs (flat
+    attention) and structured ones (smooth video-like tokens, ``structured``), dense at
+    D=64 and D=128 and on the radial CogVideoX-2b map; cuDNN dense in the same run."""
+    from flexsparse.kernels import quant
+
+    quantize = quant._quantize_qk
+    rows = []
+    lay = fs.VideoLayout.from_video(49, 480, 720, "cogvideox")
+    radial = masks.radial(lay, 1.0, "cogvideox")
+    for kind in ("random", "structured"):
+        for case, (b, h, n, d), mask in (
+            ("dense D64 2x30x17776", (2, 30, 17776, 64), None),
+            ("radial 2b D64", (2, 30, 17776, 64), radial),
+            ("dense D128 2x24x17776", (2, 24, 17776, 128), None),
+        ):
+            if kind == "random":
+                q, k, v = (torch.randn(b, h, n, d, device="cuda", generator=gen,
+                                       dtype=torch.bfloat16) for _ in range(3))
+            else:
+                q, k, v = (structured(b, h, n, d, gen) for _ in range(3))
+            bm = None if mask is None else mask.block_mask(n, n, device="cuda",
+                                                           block_size=(128, 128))
+            ops = 4.0 * b * h * n * n * d * (1.0 if mask is None else mask.density(n))
+            base = queued_ms(functools.partial(cudnn, q, k, v))
+            call = functools.partial(quant_attention, q, k, v, block_mask=bm, kernel="sm90")
+            out = call()
+            with_norms = queued_ms(call)
+            with mock.patch.object(quant, "_quantize_qk", lambda *a: quantize(*a[:6])):
+                same = torch.equal(call(), out)
+                without = queued_ms(call)
+            rows.append(dict(table="bound", case=f"{kind} {case}", cudnn_ms=base,
+                             without_ms=without, with_ms=with_norms, speedup=without / with_norms,
+                             tops=ops / with_norms / 1e9, vs_cudnn=base / with_norms,
+                             same_bits=same))
+            del q, k, v
+            torch.cuda.empty_cache()
+    return rows
+
+
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -736,6 +779,7 @@ PARTS = {
     "d128": lambda gen, pvs: d128_part(gen),
     "stages": lambda gen, pvs: stages_part(gen),
     "hopper": lambda gen, pvs: hopper_part(gen, _compiled_flex()),
+    "bound": lambda gen, pvs: bound_part(gen),
 }
 
 
@@ -766,6 +810,8 @@ def main() -> int:
         ("lists", ["case", "impl", "kept", "ms", "tops", "vs_cudnn"]
          if args.part == "lists" else ["case", "impl", "ms", "vs_cudnn"]),
         ("host", ["case", "wall_ms", "events_ms"]),
+        ("bound", ["case", "cudnn_ms", "without_ms", "with_ms", "speedup", "tops", "vs_cudnn",
+                   "same_bits"]),
         ("meansim", ["case", "impl", "skipped", "predict_ms", "pred_pct", "kernel_ms",
                      "total_ms", "cudnn_ms", "vs_cudnn", "rel_l1"]),
     ):

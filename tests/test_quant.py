@@ -661,6 +661,14 @@ def test_ctypes_arguments_mirror_the_cuda_struct():
     assert ctypes.sizeof(sm90._Args) == 8 * len(names)
 
 
+def test_bound_dims_mirror_the_kernel():
+    """The host computes the norms for the head dims whose kernel reads them (a mismatch
+    gives no wrong answer: the bound unused, or never holding, but the work wasted)."""
+    src = (sm90.CSRC / "quant_attn_sm90.cu").read_text()
+    dims = re.search(r"constexpr bool BOUND = ([^;]*);", src).group(1)
+    assert [d for d in (64, 128) if eval(dims, {"D": d})] == list(sm90.BOUND_DIMS)
+
+
 @pytest.mark.skipif(sm90.find_nvcc() is None, reason="needs nvcc (the CUDA toolkit)")
 def test_sm90_kernel_builds_without_spills(tmp_path):
     """The CUDA source compiles for sm_90a (no GPU needed), every instantiation without

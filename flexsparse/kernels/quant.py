@@ -748,7 +748,8 @@ def quant_attention(
     nkb = nk_pad // block_n
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    qi, qs, ki, ks, *norms = _quantize_qk(q, k, scale * LOG2E, nq_pad, nk_pad, block_n, hopper)
+    norms = hopper and d in sm90.BOUND_DIMS  # the kernel's bound of a block's scores
+    qi, qs, ki, ks, *norms = _quantize_qk(q, k, scale * LOG2E, nq_pad, nk_pad, block_n, norms)
     sv = ks  # read only with fp8 P·V
     if fp8:
         sv = v_channel_scale(v).contiguous()

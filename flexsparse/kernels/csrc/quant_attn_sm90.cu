@@ -302,6 +302,7 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC, PARTIAL>::THREADS, 1
                 const __grid_constant__ CUtensorMap tm_v, const Params p) {
   using L = Layout<D, BN, STAGES, NC, PARTIAL>;
   static_assert(NC == 2 || NC == 3, "two or three consumer warpgroups");
+  constexpr bool BOUND = D == 64;  // the norm bound of `within_slack` (sm90.BOUND_DIMS)
   extern __shared__ uint8_t smem_raw[];
   // 128-byte swizzle atoms must sit on 1024-byte boundaries.
   uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
@@ -538,6 +539,19 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC, PARTIAL>::THREADS, 1
     __syncwarp();
     if (lane == 0) bar_arrive(bar);
   };
+  // Whether no score of the warp's rows against a key block (largest K norm k_norm) can
+  // exceed its row's running maximum by more than RESCALE_SLACK: |q . k| <= |q| |k|
+  // (Params::qn, kn) bounds them, and a bound within the slack moves no maximum, so
+  // `softmax` may skip the block's row maxima (the same result). That skips the chain
+  // maxima -> shuffles -> exponentials, the consumers' longest, on most blocks of flat
+  // attention at head_dim 64 (+5-7 % dense, H100). Never while a row has no maximum yet
+  // (-inf). Off at head_dim 128, where the bound of flat attention exceeds the slack of
+  // 16-bit P. (Asked before the wait for the scores, which it does not need, it measured
+  // no faster.)
+  auto within_slack = [&](float k_norm) {
+    return BOUND && __all_sync(0xffffffff, q_norm0 * k_norm <= m0 + RESCALE_SLACK &&
+                                               q_norm1 * k_norm <= m1 + RESCALE_SLACK);
+  };
   // Online softmax of key block j (K scale k_scale) on the biased scores MAGIC + s (exact;
   // the integer maximum first), log2 units: x holds the probabilities afterwards,
   // rescale / log_alpha what O is to be multiplied by. Columns past the keys get the score
@@ -570,14 +584,9 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC, PARTIAL>::THREADS, 1
         }
       }
     }
-    // The block's row maxima, unless no score of the warp's rows can exceed its row's running
-    // maximum by more than RESCALE_SLACK: |q . k| <= |q| |k| (Params::qn, kn) bounds them,
-    // and a bound within the slack moves nothing (the result is the same). This skips the
-    // chain maxima -> shuffles -> exponentials, the consumers' longest, on most blocks of
-    // flat attention. Never while a row has no maximum yet (-inf).
+    // The block's row maxima, unless they would move nothing (within_slack).
     int mi0 = INT_MIN, mi1 = INT_MIN;
-    if (!__all_sync(0xffffffff, q_norm0 * k_norm <= m0 + RESCALE_SLACK &&
-                                    q_norm1 * k_norm <= m1 + RESCALE_SLACK)) {
+    if (!within_slack(k_norm)) {
       mi0 = __vimax3_s32(sc[0], sc[1], INT_MIN);
       mi1 = __vimax3_s32(sc[2], sc[3], INT_MIN);
       int mj0 = INT_MIN, mj1 = INT_MIN;  // two chains per row
@@ -684,7 +693,7 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC, PARTIAL>::THREADS, 1
     row_base = tile_m * L::ROWS + half * 64;
     my_tile = row_base >= p.nq ? 0 : 1 << (row_base / BLOCK_M - tile_m * L::ROWS / BLOCK_M);
     c_q = item_info[slot].c_q[half];
-    if (p.qn) {
+    if (BOUND && p.qn) {
       const float* qn = p.qn + ((long long)item_info[slot].b * p.hq + item_info[slot].h) * p.nq_pad;
       const int row0 = row_base + warp * 16 + lane / 4, row1 = row0 + 8;
       q_norm0 = row0 < p.nq_pad ? qn[row0] : 0.f;
