@@ -661,12 +661,14 @@ def test_ctypes_arguments_mirror_the_cuda_struct():
     assert ctypes.sizeof(sm90._Args) == 8 * len(names)
 
 
-def test_bound_dims_mirror_the_kernel():
-    """The host computes the norms for the head dims whose kernel reads them (a mismatch
-    gives no wrong answer: the bound unused, or never holding, but the work wasted)."""
+def test_uses_bound_mirrors_the_kernel():
+    """The host computes the norms for the kernels that read them (a mismatch gives no
+    wrong answer: the bound unused, or never holding, but the work wasted)."""
     src = (sm90.CSRC / "quant_attn_sm90.cu").read_text()
-    dims = re.search(r"constexpr bool BOUND = ([^;]*);", src).group(1)
-    assert [d for d in (64, 128) if eval(dims, {"D": d})] == list(sm90.BOUND_DIMS)
+    rule = re.search(r"constexpr bool BOUND = ([^;]*);", src).group(1).replace("||", " or ")
+    for d, dtype in itertools.product((64, 128), (torch.float16, torch.bfloat16)):
+        kernel = eval(rule, {"D": d, "BF16": dtype == torch.bfloat16})
+        assert kernel == sm90.uses_bound(d, dtype), (d, dtype)
 
 
 @pytest.mark.skipif(sm90.find_nvcc() is None, reason="needs nvcc (the CUDA toolkit)")

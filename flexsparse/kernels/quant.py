@@ -748,7 +748,7 @@ def quant_attention(
     nkb = nk_pad // block_n
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    norms = hopper and d in sm90.BOUND_DIMS  # the kernel's bound of a block's scores
+    norms = hopper and sm90.uses_bound(d, v.dtype)  # the kernel's bound of a block's scores
     qi, qs, ki, ks, *norms = _quantize_qk(q, k, scale * LOG2E, nq_pad, nk_pad, block_n, norms)
     sv = ks  # read only with fp8 P·V
     if fp8:

@@ -40,10 +40,6 @@ NVCC_FLAGS = (
     "-shared", "-Xcompiler", "-fPIC", "-O3", "-std=c++17", "--use_fast_math",
     "-gencode=arch=compute_90a,code=sm_90a",
 )
-#: Head dims whose kernels bound a block's scores by the norms of Q's rows and K's block
-#: (``attention``'s ``norms``; the kernel's ``BOUND``): where the bound of flat attention
-#: fits the rescale slack of 16-bit P. At 128 it seldom does, and the test costs ~1-3 %.
-BOUND_DIMS = (64,)
 #: ``"auto"``: the sm90 kernel wherever it can run, ``"off"``: never (benchmarks flip it
 #: to time the Triton kernel in the same run).
 MODE = os.environ.get("FLEXSPARSE_SM90", "auto")
@@ -187,6 +183,14 @@ def device_reasons(q: Tensor, v: Tensor) -> list[str]:
     if not out and build_error():
         out.append(build_error())
     return out
+
+
+def uses_bound(d: int, dtype: torch.dtype) -> bool:
+    """Whether the kernel for head_dim ``d`` and P·V in ``dtype`` bounds a block's scores by
+    the norms of Q's rows and K's block (``attention``'s ``norms``; the kernel's ``BOUND``):
+    where the bound of flat attention fits the rescale slack, at D=64, and at D=128 with
+    bf16 P (slack 24 log2 units; fp16's 14 is below that bound there)."""
+    return d == 64 or dtype == torch.bfloat16
 
 
 #: Tiles x key blocks per chunk of ``walk_lists``'s work (bounds its temporaries).

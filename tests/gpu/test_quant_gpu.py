@@ -3,6 +3,8 @@
 including odd lengths, both tile shapes and masks with partial tiles (the token rule from
 packed bits)."""
 
+import math
+
 import pytest
 import torch
 
@@ -369,9 +371,10 @@ def test_sm90_three_warpgroups(nq, tiles, monkeypatch):
 @pytest.mark.parametrize("jump", [0.0, 24.0])
 def test_sm90_rising_maxima(d, dtype, jump, monkeypatch):
     """Scores that rise along the keys, by ~7 log2 units per 128-key block, so that each
-    block's maximum lands within the kernel's rescale slack (P above 1, up to 2^14, with
-    O not rescaled) and every few blocks past it (O rescaled); ``jump`` adds a rise of
-    ~35 log2 units halfway, far past the slack. Dense and on a tile map, in each layout."""
+    block's maximum lands within the kernel's rescale slack (P above 1, up to 2^14 in fp16,
+    2^24 in bf16, with O not rescaled) and every few blocks past it (O rescaled); ``jump``
+    adds a rise of ~35 log2 units halfway, past the slack. Dense and on a tile map, in
+    each layout."""
     nq, nk = 300, 1100
     q, k, v = rising_qkv(nq, nk, d, dtype, jump)
     kept = torch.rand(1, 4, 3, 9, generator=torch.Generator().manual_seed(1)) < 0.7
@@ -404,19 +407,20 @@ def rising_qkv(nq, nk, d, dtype, jump=0.0, seed=7):
 
 
 @needs_sm90
-@pytest.mark.parametrize("d, consumers, pingpong", [(64, 3, False), (64, 2, False),
-                                                    (64, 2, True)])
-def test_sm90_norm_bound_changes_no_bit(d, consumers, pingpong, monkeypatch):
+@pytest.mark.parametrize("d, consumers, pingpong, dtype", [
+    (64, 3, False, torch.bfloat16), (64, 2, False, torch.float16), (64, 2, True, torch.bfloat16),
+    (128, 2, True, torch.bfloat16), (128, 2, False, torch.bfloat16)])
+def test_sm90_norm_bound_changes_no_bit(d, consumers, pingpong, dtype, monkeypatch):
     """The kernel skips a block's row maxima where ``|q| |k|`` (the norms of Q's row and
     of K's block) bounds every score within the rescale slack: the same bits as computing
-    them, on flat attention (the bound holds on most blocks at head_dim 64), on scores
-    rising along the keys (it fails where a maximum moves), on rows of both kinds in one
-    warp, dense, on a tile map and with partial tiles. A false bound (K norms of 0) must
-    change the rising case's result: the skip is live. (Head dims outside
-    ``sm90.BOUND_DIMS`` compute every maximum.)"""
+    them, on flat attention (the bound holds on most blocks), on scores rising along the
+    keys (it fails where a maximum moves), on rows of both kinds in one warp, dense, on a
+    tile map and with partial tiles. A false bound (K norms of -inf) must change the result of
+    scores that rise past what P can hold without a rescale: the skip is live. (fp16 P at
+    head_dim 128 computes every maximum: ``sm90.uses_bound``.)"""
     from flexsparse.kernels import quant
 
-    assert d in sm90.BOUND_DIMS
+    assert sm90.uses_bound(d, dtype)
     monkeypatch.setitem(sm90.CONSUMERS, d, consumers)
     monkeypatch.setitem(sm90.PINGPONG, d, pingpong)
     quantize = quant._quantize_qk
@@ -425,30 +429,33 @@ def test_sm90_norm_bound_changes_no_bit(d, consumers, pingpong, monkeypatch):
         return quantize(*args[:6])
 
     def false_bound(*args):
-        *same, qn, kn = quantize(*args)
-        return (*same, qn, torch.zeros_like(kn))
+        *same, qn, kn = quantize(*args)  # -inf: every block passes for bounded
+        return (*same, qn, torch.full_like(kn, -math.inf))
 
     n = 1100
-    flat = qkv(1, 4, 2, n, n, d, torch.bfloat16, 40)
-    rising = rising_qkv(n, n, d, torch.float16, jump=24.0)
+    flat = qkv(1, 4, 2, n, n, d, dtype, 40)
+    rising = rising_qkv(n, n, d, dtype, jump=24.0)
     mixed = (rising[0].clone(), *rising[1:])
     mixed[0][:, :, ::2] *= 0.02  # every other row flat
+    steep = rising_qkv(n, n, d, dtype, jump=150.0)  # past 2^128 without a rescale
     kept = torch.rand(1, 4, -(-n // 128), -(-n // 128),
                       generator=torch.Generator().manual_seed(d)) < 0.7
     kept[..., -1] = True
     partial = pattern("radial_token", n).block_mask(n, n, device="cuda", block_size=(128, 128))
-    for name, (q, k, v) in (("flat", flat), ("rising", rising), ("mixed", mixed)):
+    for name, (q, k, v) in (("flat", flat), ("rising", rising), ("mixed", mixed),
+                            ("steep", steep)):
         for kw in (dict(), dict(kept=kept), dict(block_mask=partial)):
             out = quant_attention(q, k, v, kernel="sm90", **kw)
+            assert torch.isfinite(out).all(), (name, list(kw))
             with monkeypatch.context() as m:
                 m.setattr(quant, "_quantize_qk", without_norms)
                 plain = quant_attention(q, k, v, kernel="sm90", **kw)
             assert torch.equal(out, plain), (name, list(kw))
-            if name == "rising":
+            if name == "steep":
                 with monkeypatch.context() as m:
                     m.setattr(quant, "_quantize_qk", false_bound)
                     wrong = quant_attention(q, k, v, kernel="sm90", **kw)
-                assert not torch.equal(wrong.nan_to_num(), out), list(kw)
+                assert not torch.isfinite(wrong).all(), list(kw)
 
 
 def masked_attention(q, k, v, allowed=None):

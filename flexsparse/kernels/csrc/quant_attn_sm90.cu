@@ -53,11 +53,13 @@ constexpr float MAGIC_FLOAT = 12582912.0f;
 // finite maximum far below its scores (exact softmax all the same: its probabilities are 0
 // and O is 0 until a kept pair comes, which rescales it, or stays within the slack).
 constexpr int MASKED = int(0xFF800000u - 0x4B400000u);
-// How far (log2 units) a row's maximum may rise before O is rescaled: P <= 2^14, which
-// fp16 (up to 65504) holds. FlashAttention-4 uses 8; at 14 the norm bound of `softmax`
-// holds on most blocks of flat attention at head_dim 64, at 8 or 11 it seldom did (measured
-// on random inputs: the bound is ~14 log2 units there, a row's first maximum ~3.7).
-constexpr float RESCALE_SLACK = 14.0f;
+// How far (log2 units) a row's maximum may rise before O is rescaled (attn_kernel's
+// RESCALE_SLACK), by P's type: P <= 2^14 in fp16 (up to 65504), 2^24 in bf16 (fp32's
+// range; the row sums and O in fp32 hold far more). FlashAttention-4 uses 8. The norm bound
+// of `within_slack` needs room: on flat attention a row's first maximum is ~3.7 log2 units,
+// the bound of a warp's rows against a block ~14-16 at head_dim 64 and ~19-21 at 128; at
+// slack 8 or 11 it seldom held (measured).
+constexpr float SLACK_FP16 = 14.0f, SLACK_BF16 = 24.0f;
 
 struct Params {
   const float* qs;        // [B, Hq, NQB]
@@ -302,7 +304,11 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC, PARTIAL>::THREADS, 1
                 const __grid_constant__ CUtensorMap tm_v, const Params p) {
   using L = Layout<D, BN, STAGES, NC, PARTIAL>;
   static_assert(NC == 2 || NC == 3, "two or three consumer warpgroups");
-  constexpr bool BOUND = D == 64;  // the norm bound of `within_slack` (sm90.BOUND_DIMS)
+  constexpr bool BF16 = std::is_same<T, __nv_bfloat16>::value;
+  constexpr float RESCALE_SLACK = BF16 ? SLACK_BF16 : SLACK_FP16;
+  // The norm bound of `within_slack` (sm90.uses_bound): where its slack covers flat
+  // attention's bound.
+  constexpr bool BOUND = D == 64 || BF16;
   extern __shared__ uint8_t smem_raw[];
   // 128-byte swizzle atoms must sit on 1024-byte boundaries.
   uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
@@ -544,10 +550,10 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC, PARTIAL>::THREADS, 1
   // (Params::qn, kn) bounds them, and a bound within the slack moves no maximum, so
   // `softmax` may skip the block's row maxima (the same result). That skips the chain
   // maxima -> shuffles -> exponentials, the consumers' longest, on most blocks of flat
-  // attention at head_dim 64 (+5-7 % dense, H100). Never while a row has no maximum yet
-  // (-inf). Off at head_dim 128, where the bound of flat attention exceeds the slack of
-  // 16-bit P. (Asked before the wait for the scores, which it does not need, it measured
-  // no faster.)
+  // attention (+5-7 % dense at head_dim 64, H100). Never while a row has no maximum yet
+  // (-inf). Off for fp16 P at head_dim 128, where the bound of flat attention exceeds
+  // fp16's slack. (Asked before the wait for the scores, which it does not need, it
+  // measured no faster.)
   auto within_slack = [&](float k_norm) {
     return BOUND && __all_sync(0xffffffff, q_norm0 * k_norm <= m0 + RESCALE_SLACK &&
                                                q_norm1 * k_norm <= m1 + RESCALE_SLACK);
