@@ -48,9 +48,9 @@ def _quant_block(
     int8 + fp32 scale. X: [B, H, N, D] (last dim contiguous). Mean: a [D] fp32 block
     (read only with HAS_MEAN).
     Out: int8 [B, H, N_PAD, D], padded rows written as zeros. Scale: [B, H, NB].
-    Norm (``quant.NORM_*``): nothing, each row's Euclidean norm of the quantized values
-    times the scale ([B, H, N_PAD]), or the block's largest ([B, H, NB], times
-    ``1 + NORM_MARGIN`` so that a product of two norms bounds the float dot)."""
+    Norm, by NORM: 0 nothing, 1 each row's Euclidean norm of the quantized values times the
+    scale ([B, H, N_PAD]), 2 the block's largest ([B, H, NB], times ``1 + NORM_MARGIN`` so
+    that a product of two norms bounds the dequantized dot)."""
     b = bh // H
     h = bh % H
     rows = blk * BLOCK + tl.arange(0, BLOCK)

@@ -748,8 +748,10 @@ def quant_attention(
     nkb = nk_pad // block_n
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    norms = hopper and sm90.uses_bound(d, v.dtype)  # the kernel's bound of a block's scores
-    qi, qs, ki, ks, *norms = _quantize_qk(q, k, scale * LOG2E, nq_pad, nk_pad, block_n, norms)
+    # the norms bound a block's scores for the Hopper kernel (sm90.attention's ``norms``)
+    with_norms = hopper and sm90.uses_bound(d, v.dtype)
+    qi, qs, ki, ks, *norms = _quantize_qk(q, k, scale * LOG2E, nq_pad, nk_pad, block_n,
+                                          with_norms)
     sv = ks  # read only with fp8 P·V
     if fp8:
         sv = v_channel_scale(v).contiguous()

@@ -412,6 +412,7 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC, PARTIAL>::THREADS, 1
         const int kv_head = b * p.hkv + hk;
         const int* idx = lists ? p.full_idx + b * p.sib + h * p.sih + tile_m * p.siq : nullptr;
         const float* k_scale = p.ks + (long long)kv_head * p.nkb;
+        // (read only when p.kn is set; a select here would spill the producer's 32 registers)
         const float* k_norm = p.kn + (long long)kv_head * p.nkb;
         int entry = n_blocks > 0 ? (idx ? idx[0] : 0) : 0;
 #pragma unroll 1
@@ -700,7 +701,8 @@ __global__ void __launch_bounds__(Layout<D, BN, STAGES, NC, PARTIAL>::THREADS, 1
     my_tile = row_base >= p.nq ? 0 : 1 << (row_base / BLOCK_M - tile_m * L::ROWS / BLOCK_M);
     c_q = item_info[slot].c_q[half];
     if (BOUND && p.qn) {
-      const float* qn = p.qn + ((long long)item_info[slot].b * p.hq + item_info[slot].h) * p.nq_pad;
+      const long long bh = (long long)item_info[slot].b * p.hq + item_info[slot].h;
+      const float* qn = p.qn + bh * p.nq_pad;
       const int row0 = row_base + warp * 16 + lane / 4, row1 = row0 + 8;
       q_norm0 = row0 < p.nq_pad ? qn[row0] : 0.f;
       q_norm1 = row1 < p.nq_pad ? qn[row1] : 0.f;
