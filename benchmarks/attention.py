@@ -36,10 +36,9 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import banded_tiles, queued_ms, time_ms, write_table  # noqa: E402,F401  (banded_tiles: old import path)
+from common import banded_tiles, cudnn, queued_ms, time_ms, write_table  # noqa: E402,F401  (banded_tiles, cudnn: old import paths)
 
 import flexsparse as fs  # noqa: E402
 from flexsparse import backends, masks  # noqa: E402
@@ -54,15 +53,6 @@ MEANSIM = ((0.6, 0.98), (0.35, 0.98), (0.3, 0.9))
 SAMPLE_ROWS = 256
 COLUMNS = ["case", "kernel", "ms", "x cuDNN", "ms queued", "x cuDNN queued", "tiles skipped",
            "rel L1", "rel L2", "note"]
-
-
-def cudnn(q, k, v):
-    try:
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            return F.scaled_dot_product_attention(q, k, v)
-    except RuntimeError:  # no cuDNN attention for this shape / build: flash
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-            return F.scaled_dot_product_attention(q, k, v)
 
 
 def sampled_error(out, q, k, v, mask) -> tuple[float, float]:

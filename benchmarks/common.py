@@ -173,6 +173,20 @@ def save(name: str, rows: list[dict], text: str) -> None:
 # -- masks ------------------------------------------------------------------------------------
 
 
+def cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False):
+    """The peer: cuDNN's SDPA, dense or causal (flash where cuDNN has no kernel for the
+    shape or build)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    try:
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return sdpa(q, k, v, is_causal=causal)
+    except RuntimeError:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            return sdpa(q, k, v, is_causal=causal)
+
+
 def banded_tiles(n: int, fraction: float, block: int = 128) -> torch.Tensor:
     """bool ``[Nb, Nb]``: the narrowest band of tiles around the diagonal that keeps at least
     ``fraction`` of the ``ceil(n / block)^2`` tiles."""

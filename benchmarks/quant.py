@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import cuda_ms, device_name, header, queued_ms, save, table  # noqa: E402
+from common import cuda_ms, cudnn, device_name, header, queued_ms, save, table  # noqa: E402
 from legacy_quant import legacy_quant_attention  # noqa: E402
 
 import flexsparse as fs  # noqa: E402
@@ -65,13 +65,6 @@ def rel(out, ref) -> tuple[float, float]:
     o, r = out.double().flatten(), ref.double().flatten()
     return ((o - r).norm() / r.norm()).item(), torch.nn.functional.cosine_similarity(
         o, r, dim=0).item()
-
-
-def cudnn(q, k, v):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
 
 def structured(b, h, n, d, gen, tpf=1350, row=45):
@@ -639,8 +632,6 @@ def hopper_part(gen, flex) -> list[dict]:
     rows: the Triton kernel's in-kernel rule against the Hopper kernel on the causal
     BlockMask (what the backend sends it). Then the accuracy of the Hopper kernel's
     partial path against the fp32 reference, on random and structured inputs."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     rows = []
 
     def both(fn) -> tuple[float, float]:
@@ -651,10 +642,6 @@ def hopper_part(gen, flex) -> list[dict]:
         rows.append(dict(table="hopper", case=case, impl=impl, sync_ms=sync, queued_ms=queued,
                          vs_cudnn=base[0] / sync, vs_cudnn_q=base[1] / queued,
                          tops=ops / queued / 1e9, **extra))
-
-    def causal_cudnn(q, k, v):
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     cases = [(f"{name} radial token", name) for name in ("cogvideox-2b 49f", "wan 69f")]
     cases += [("causal 2x32x8192 D128", (2, 32, 8192, 128)),
@@ -672,7 +659,7 @@ def hopper_part(gen, flex) -> list[dict]:
             q, k, v = (torch.randn(b, h, n, d, device="cuda", generator=gen,
                                    dtype=torch.bfloat16) for _ in range(3))
             mask = masks.causal()
-            base = both(functools.partial(causal_cudnn, q, k, v))
+            base = both(functools.partial(cudnn, q, k, v, causal=True))
             rows.append(dict(table="hopper", case=case, impl="cudnn bf16 causal",
                              sync_ms=base[0], queued_ms=base[1], vs_cudnn=1.0, vs_cudnn_q=1.0))
         density = mask.density(n)

@@ -12,6 +12,7 @@ the same options. Queued clock of ``common.time_ms``; each round times the three
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -21,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import queued_ms, write_table  # noqa: E402
+from common import cudnn, queued_ms, write_table  # noqa: E402
 
 import flexsparse as fs  # noqa: E402
 from flexsparse import masks  # noqa: E402
@@ -38,12 +39,6 @@ def main() -> None:
     q, k, v = (torch.randn(2, 30, layout.length, 64, device="cuda", dtype=torch.bfloat16,
                            generator=g) for _ in range(3))
 
-    def cudnn():
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-
     def untraced():
         return fs.attention(q, k, v, mask, backend="flex")
 
@@ -51,7 +46,7 @@ def main() -> None:
     traced_fn = torch.compile(lambda q, k, v: fs.attention(q, k, v, mask, backend="flex"),
                               fullgraph=True)
     diff = (traced_fn(q, k, v).float() - eager.float()).abs().max().item()
-    calls = {"cuDNN dense": cudnn, "flex, untraced": untraced,
+    calls = {"cuDNN dense": functools.partial(cudnn, q, k, v), "flex, untraced": untraced,
              "flex, traced (inductor, fullgraph)": lambda: traced_fn(q, k, v)}
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(args.rounds):
